@@ -1,0 +1,224 @@
+"""MoEFFN: a drop-in Mixture-of-Experts replacement for mmcv's transformer ``FFN``.
+
+Axis letters: B batch, N tokens per image, T = B*N, D embed dims, E experts, K top-k.
+"""
+import contextlib
+from typing import Dict, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from mmcv.cnn.bricks.drop import build_dropout
+from mmengine.model import BaseModule
+from mmdet.registry import MODELS
+from . import routers as _routers
+from .experts import StackedExperts
+from .routing import SoftRouting, SparseRouting
+
+#: keys of ``last_routing`` that hold one row per token and are reshaped to (B, N, ...).
+_PER_TOKEN_KEYS = ('expert_index', 'gates', 'plan')
+
+
+@MODELS.register_module()
+class MoEFFN(BaseModule):
+    """Mixture-of-Experts FFN with mmcv ``FFN``'s interface, residual included.
+
+    Args:
+        embed_dims: D.
+        feedforward_channels: hidden width H of every expert.
+        num_experts: E.
+        router: router config, e.g. ``dict(type='DatasetAwareRouter')``; ``embed_dims``
+            and ``num_experts`` are filled in.
+        capacity_factor: None (default) drops no token; a number caps every expert at
+            ceil(T * factor / E) tokens of the forward's T tokens, and tokens over capacity
+            skip the experts (residual only).
+        eval_capacity_factor: the factor in eval mode; defaults to ``capacity_factor``.
+        num_fcs, act_cfg, ffn_drop, dropout_layer, add_identity, init_cfg: as mmcv's FFN
+            (only ``num_fcs=2``).
+
+    After each forward:
+        ``aux_losses``: the router's unweighted scalar losses ('damex', 'importance',
+        'load', 'switch', 'z' where computed).
+        ``last_routing``: detached tensors for analysis: ``logits`` (B, N, E) before noise,
+        ``targets`` (B,) or None, ``dispatch_mask`` (B, N, E) whether a token reached an
+        expert, plus router specifics: token choice ``expert_index`` and ``gates``
+        (B, N, K), -1 and 0 where a choice was dropped; expert choice ``expert_tokens``
+        and ``expert_gates`` (E, C) (token index into B*N per expert slot); Soft MoE
+        ``dispatch_weights`` (G, M, S), ``combine_weights`` (B, N, S), ``group_index``.
+    """
+
+    def __init__(self, embed_dims: int = 256, feedforward_channels: int = 1024,
+                 num_experts: int = 8, router: dict = dict(type='SoftmaxTokenChoiceRouter'),
+                 capacity_factor: Optional[float] = None,
+                 eval_capacity_factor: Optional[float] = None, num_fcs: int = 2,
+                 act_cfg: dict = dict(type='ReLU', inplace=True), ffn_drop: float = 0.0,
+                 dropout_layer: Optional[dict] = None, add_identity: bool = True,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg)
+        if num_fcs != 2:
+            raise ValueError(f'MoEFFN supports num_fcs=2 only, got {num_fcs}')
+        if num_experts < 1:
+            raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+        for name, factor in (('capacity_factor', capacity_factor),
+                             ('eval_capacity_factor', eval_capacity_factor)):
+            if factor is not None and factor <= 0:
+                raise ValueError(f'{name} must be None or > 0, got {factor}')
+        self.embed_dims = embed_dims
+        self.feedforward_channels = feedforward_channels
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
+                                     else eval_capacity_factor)
+        self.router = build_router(router, embed_dims, num_experts)
+        self.experts = StackedExperts(num_experts, embed_dims, feedforward_channels,
+                                      act_cfg, ffn_drop)
+        self.dropout_layer = build_dropout(dropout_layer) if dropout_layer else nn.Identity()
+        self.add_identity = add_identity
+        self.aux_losses: Dict[str, Tensor] = {}
+        self.last_routing: Dict[str, Optional[Tensor]] = {}
+        self.context_targets: Optional[Tensor] = None
+
+    def forward(self, x: Tensor, identity: Optional[Tensor] = None,
+                routing_targets: Optional[Tensor] = None) -> Tensor:
+        """x: (B, N, D); routing_targets: (B,) expert of each image's dataset, or None.
+
+        Without ``routing_targets`` the layer uses the targets set by
+        :func:`routing_targets` around the forward, if any.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.embed_dims:
+            raise ValueError(f'MoEFFN expects (batch, tokens, {self.embed_dims}) input, '
+                             f'got {tuple(x.shape)}')
+        targets = routing_targets if routing_targets is not None else self.context_targets
+        targets = self._check_targets(targets, x.shape[0])
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        routing = self.router(x, targets, factor)
+        tokens = x.reshape(-1, self.embed_dims)
+        if isinstance(routing, SoftRouting):
+            out = self._soft_forward(tokens, routing)
+        else:
+            out = self._sparse_forward(tokens, routing)
+        out = out.view_as(x)
+        self.aux_losses = routing.aux_losses
+        self.last_routing = self._routing_summary(routing, x.shape[0], x.shape[1], targets)
+        if not self.add_identity:
+            return self.dropout_layer(out)
+        if identity is None:
+            identity = x
+        return identity + self.dropout_layer(out)
+
+    def _check_targets(self, targets: Optional[Tensor], batch: int) -> Optional[Tensor]:
+        if targets is None:
+            if self.training and self.router.requires_targets:
+                raise ValueError(
+                    f'{type(self.router).__name__} needs routing targets in training: pass '
+                    '`routing_targets` (one expert index per image) or run the forward inside '
+                    '`damex.models.moe.routing_targets(model, targets)`')
+            return None
+        targets = torch.as_tensor(targets)
+        if targets.dtype not in (torch.int32, torch.int64) or targets.shape != (batch,):
+            raise ValueError(f'routing targets must be an integer tensor of shape ({batch},), '
+                             f'got {targets.dtype} {tuple(targets.shape)}')
+        if targets.numel() and (targets.min() < 0 or targets.max() >= self.num_experts):
+            raise ValueError(f'routing targets must lie in [0, {self.num_experts}), '
+                             f'got {targets.tolist()}')
+        return targets.long()
+
+    def _sparse_forward(self, tokens: Tensor, routing: SparseRouting) -> Tensor:
+        """Sort the assignments by expert, run each expert on its slice, scatter back."""
+        order = torch.argsort(routing.expert_index, stable=True)
+        token_index = routing.token_index[order]
+        counts = torch.bincount(routing.expert_index, minlength=self.num_experts).tolist()
+        expert_out = self.experts.forward_sorted(tokens.index_select(0, token_index), counts)
+        expert_out = expert_out * routing.combine_weight[order].to(expert_out.dtype)[:, None]
+        return tokens.new_zeros(tokens.shape).index_add_(0, token_index, expert_out)
+
+    def _soft_forward(self, tokens: Tensor, routing: SoftRouting) -> Tensor:
+        """Slots = dispatch-weighted token sums per group; experts run on (E, G*P, D) slots."""
+        valid = routing.group_index >= 0
+        groups = tokens.new_zeros(*routing.group_index.shape, tokens.shape[-1])
+        groups[valid] = tokens
+        num_groups, _, num_slots = routing.dispatch_weights.shape
+        per_expert = num_slots // self.num_experts
+        dispatch = routing.dispatch_weights.to(tokens.dtype)
+        slots = torch.einsum('gms,gmd->gsd', dispatch, groups)
+        slots = slots.view(num_groups, self.num_experts, per_expert, -1).transpose(0, 1)
+        slot_out = self.experts.forward_batched(slots.reshape(self.num_experts, -1, slots.shape[-1]))
+        slot_out = slot_out.view(self.num_experts, num_groups, per_expert, -1).transpose(0, 1)
+        combine = routing.combine_weights.to(tokens.dtype)
+        out = torch.einsum('gms,gsd->gmd', combine, slot_out.reshape(num_groups, num_slots, -1))
+        return out[valid]  # groups hold the tokens in order, padding last
+
+    def _routing_summary(self, routing, batch: int, num_tokens: int,
+                         targets: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+        def per_token(t: Tensor) -> Tensor:
+            return t.detach().reshape(batch, num_tokens, *t.shape[1:])
+
+        summary = dict(logits=per_token(routing.logits), targets=targets)
+        if isinstance(routing, SoftRouting):
+            valid = routing.group_index >= 0
+            summary.update(dispatch_weights=routing.dispatch_weights.detach(),
+                           combine_weights=per_token(routing.combine_weights[valid]),
+                           group_index=routing.group_index)
+        else:
+            mask = torch.zeros(batch * num_tokens, self.num_experts, dtype=torch.bool,
+                               device=routing.logits.device)
+            mask[routing.token_index, routing.expert_index] = True
+            summary['dispatch_mask'] = per_token(mask)
+        for key, value in routing.info.items():
+            summary[key] = per_token(value) if key in _PER_TOKEN_KEYS else value.detach()
+        return summary
+
+    def extra_repr(self) -> str:
+        return (f'embed_dims={self.embed_dims}, num_experts={self.num_experts}, '
+                f'capacity_factor={self.capacity_factor}')
+
+
+def build_router(cfg: dict, embed_dims: int, num_experts: int) -> nn.Module:
+    """Build a router from its config, with a clear error for an unknown type."""
+    cfg = dict(cfg)
+    router_type = cfg.pop('type', None)
+    cfg.setdefault('embed_dims', embed_dims)
+    cfg.setdefault('num_experts', num_experts)
+    if isinstance(router_type, type):
+        return router_type(**cfg)
+    # Look our own routers up directly: MODELS.get would import all of mmdet.models
+    # (and mmcv.ops), which the layer does not need.
+    router_cls = MODELS.module_dict.get(router_type) if isinstance(router_type, str) else None
+    if router_cls is None and isinstance(router_type, str):
+        router_cls = MODELS.get(router_type)
+    if router_cls is None:
+        raise ValueError(f'unknown router type {router_type!r}; registered routers: '
+                         f'{", ".join(n for n in _routers.__all__ if n != "BaseRouter")}')
+    return router_cls(**cfg)
+
+
+@contextlib.contextmanager
+def routing_targets(model: nn.Module, targets: Optional[Tensor]) -> Iterator[None]:
+    """Hand every MoEFFN inside ``model`` the per-image routing targets for one forward.
+
+    The targets are cleared when the block exits, even on error, so they never leak
+    into a later forward.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoEFFN)]
+    for layer in layers:
+        layer.context_targets = targets
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.context_targets = None
+
+
+@torch.no_grad()
+def upcycle_from_ffn(moe_layer: MoEFFN, ffn: nn.Module) -> None:
+    """Copy a dense mmcv ``FFN``'s weights into every expert of ``moe_layer`` (sparse upcycling)."""
+    fc1, fc2 = ffn.layers[0][0], ffn.layers[1]
+    experts = moe_layer.experts
+    if fc1.weight.shape != experts.fc1_weight.shape[1:] or fc2.weight.shape != experts.fc2_weight.shape[1:]:
+        raise ValueError(f'cannot upcycle an FFN with fc1 {tuple(fc1.weight.shape)} / fc2 '
+                         f'{tuple(fc2.weight.shape)} into experts of '
+                         f'{tuple(experts.fc1_weight.shape[1:])} / {tuple(experts.fc2_weight.shape[1:])}')
+    experts.fc1_weight.copy_(fc1.weight.expand_as(experts.fc1_weight))
+    experts.fc1_bias.copy_(fc1.bias.expand_as(experts.fc1_bias))
+    experts.fc2_weight.copy_(fc2.weight.expand_as(experts.fc2_weight))
+    experts.fc2_bias.copy_(fc2.bias.expand_as(experts.fc2_bias))

@@ -1,0 +1,63 @@
+"""Auxiliary routing losses, each a small function that cites where it comes from.
+
+Axis letters: T tokens (all tokens of a forward, flattened), E experts, K top-k.
+All functions return an unweighted scalar tensor; the detector applies the weights.
+"""
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def cv_squared(values: Tensor) -> Tensor:
+    """Squared coefficient of variation, Var/Mean^2 with the population variance (as V-MoE)."""
+    mean = values.mean()
+    return values.var(unbiased=False) / (mean * mean + 1e-10)
+
+
+def importance_loss(gates: Tensor) -> Tensor:
+    """V-MoE importance loss (Riquelme et al. 2021, A.2): CV^2 of sum_t gates[t, e].
+
+    gates: (T, E) softmax router probabilities (after noise in training, as V-MoE).
+    """
+    return cv_squared(gates.sum(dim=0))
+
+
+def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int) -> Tensor:
+    """V-MoE load loss (Riquelme et al. 2021, A.2): CV^2 of the expected expert load.
+
+    The load of expert e for token t is the probability that e is still among the top-k
+    experts when fresh noise N(0, noise_std^2) is drawn for e alone, the other experts'
+    noisy logits fixed: P(logits[t, e] + eps >= threshold_t), threshold_t being the k-th
+    largest noisy logit of token t.
+
+    logits, noisy_logits: (T, E); noise_std: the std actually used (already divided by E).
+    """
+    threshold = noisy_logits.topk(top_k, dim=-1).values[:, -1:]
+    noise_required_to_win = threshold - logits
+    normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_tensor(noise_std))
+    prob = 1.0 - normal.cdf(noise_required_to_win)
+    return cv_squared(prob.mean(dim=0))
+
+
+def switch_loss(gates: Tensor) -> Tensor:
+    """Switch Transformer balance loss (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e.
+
+    f_e is the fraction of tokens whose first choice is e, P_e the mean probability of e.
+    gates: (T, E) router probabilities.
+    """
+    num_experts = gates.shape[-1]
+    fraction = F.one_hot(gates.argmax(dim=-1), num_experts).to(gates.dtype).mean(dim=0)
+    return num_experts * (fraction * gates.mean(dim=0)).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean_t logsumexp(logits[t])^2."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def damex_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """DAMEX loss (Jain et al. 2023): cross-entropy of every token's logits to its dataset's expert.
+
+    logits: (T, E) router logits before noise; targets: (T,) expert index h(d) of each token.
+    """
+    return F.cross_entropy(logits.float(), targets)

@@ -1,0 +1,84 @@
+"""Optimal-transport plans used by the Sinkhorn and sparsity-constrained routers.
+
+Both turn a (T, E) score matrix into a transport plan whose rows sum to 1 (each token
+is one unit of mass) and whose columns sum to T/E (every expert gets the same share).
+Neither is differentiated: routers use the plan only to choose, and take their combine
+weights from the router softmax (as the reference, google-research/vmoe).
+"""
+import torch
+from torch import Tensor
+
+
+@torch.no_grad()
+def sinkhorn_plan(scores: Tensor, num_iters: int = 20, epsilon: float = 1.0) -> Tensor:
+    """Entropic OT plan for cost -scores (log-domain Sinkhorn, fixed iterations).
+
+    Each iteration matches the row marginals (1 per token) then the column marginals
+    (T/E per expert), so the columns are exact and the rows converge.
+    scores: (T, E). Returns the plan (T, E).
+    """
+    num_tokens, num_experts = scores.shape
+    kernel = scores.float() / epsilon
+    log_row = torch.zeros(num_tokens, device=scores.device)
+    log_col = torch.full((num_experts,), float(num_tokens) / num_experts,
+                         device=scores.device).log()
+    u = torch.zeros(num_tokens, device=scores.device)
+    v = torch.zeros(num_experts, device=scores.device)
+    for _ in range(num_iters):
+        u = log_row - torch.logsumexp(kernel + v, dim=1)
+        v = log_col - torch.logsumexp(kernel + u[:, None], dim=0)
+    return torch.exp(kernel + u[:, None] + v)
+
+
+def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
+    """Euclidean projection of each row of ``values`` onto the k-sparse probability simplex.
+
+    Keep the k largest entries of a row, project them onto the simplex, zero the rest
+    (Kyrillidis et al. 2013). values: (R, M). Returns (R, M) rows with <= k non-zeros.
+    """
+    k = min(k, values.shape[-1])
+    top, index = values.topk(k, dim=-1)  # sorted, descending
+    cumsum = top.cumsum(dim=-1) - 1.0
+    rank = torch.arange(1, k + 1, device=values.device, dtype=values.dtype)
+    support = (top - cumsum / rank) > 0
+    support_size = support.sum(dim=-1, keepdim=True).clamp(min=1)
+    tau = cumsum.gather(-1, support_size - 1) / support_size.to(values.dtype)
+    projected = (top - tau).clamp(min=0)
+    return torch.zeros_like(values).scatter(-1, index, projected)
+
+
+@torch.no_grad()
+def sparsity_constrained_plan(similarity: Tensor, k: int, gamma: float = 1.0,
+                              num_iters: int = 20, lr: float = 1e-2) -> Tensor:
+    """Squared-L2 regularised OT with at most k non-zeros per expert column (Liu et al. 2023).
+
+    Solved in the semi-dual over the token potentials alpha (T,), as the reference:
+    minimise -<a, alpha> + sum_e b_e * max_e(alpha - C[:, e]) with Adam, where C = -similarity,
+    a = 1 per token, b = T/E per expert, and max_e is the squared-L2 max operator over the
+    k-sparse simplex scaled by gamma * b_e. The plan is P[:, e] = b_e * p_e with p_e the
+    projection of (alpha - C[:, e]) / (gamma * b_e) onto the k-sparse simplex.
+    similarity: (T, E), e.g. softmax(logits). Returns the plan (T, E).
+    """
+    num_tokens, num_experts = similarity.shape
+    sim = similarity.float()
+    col_mass = float(num_tokens) / num_experts
+    scale = gamma * col_mass
+
+    def column_projection(alpha: Tensor) -> Tensor:
+        # (E, T): one k-sparse simplex projection per expert column.
+        return project_k_sparse_simplex(((alpha[:, None] + sim) / scale).t(), k)
+
+    alpha = torch.zeros(num_tokens, device=sim.device)
+    alpha.requires_grad_(False)
+    # Adam on the semi-dual; its gradient is (row sums of the plan) - a, by Danskin's theorem.
+    m = torch.zeros_like(alpha)
+    s = torch.zeros_like(alpha)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for step in range(1, num_iters + 1):
+        grad = col_mass * column_projection(alpha).sum(dim=0) - 1.0
+        m = beta1 * m + (1 - beta1) * grad
+        s = beta2 * s + (1 - beta2) * grad * grad
+        m_hat = m / (1 - beta1 ** step)
+        s_hat = s / (1 - beta2 ** step)
+        alpha = alpha - lr * m_hat / (s_hat.sqrt() + eps)
+    return col_mass * column_projection(alpha).t()

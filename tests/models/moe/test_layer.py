@@ -1,0 +1,195 @@
+"""MoEFFN against mmcv's FFN and against a slow per-token reference."""
+import pytest
+import torch
+from mmcv.cnn.bricks.transformer import FFN
+
+from damex.models.moe import MoEFFN, routing_targets, upcycle_from_ffn
+
+SPARSE_ROUTERS = ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter',
+                  'SoftmaxExpertChoiceRouter', 'SinkhornExpertChoiceRouter',
+                  'SparsityConstrainedExpertChoiceRouter']
+ALL_ROUTERS = SPARSE_ROUTERS + ['SoftMoERouter']
+D, H = 16, 32
+
+
+def make_layer(router, num_experts=4, **kwargs):
+    torch.manual_seed(0)
+    router_cfg = dict(type=router)
+    if router == 'SoftMoERouter':
+        router_cfg.update(group_size=8, slots_per_expert=2)
+    return MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=num_experts,
+                  router=router_cfg, **kwargs)
+
+
+def expert_reference(layer, e, x):
+    """Expert e on one token, written out with plain matrix products."""
+    ex = layer.experts
+    hidden = torch.relu(ex.fc1_weight[e] @ x + ex.fc1_bias[e])
+    return ex.fc2_weight[e] @ hidden + ex.fc2_bias[e]
+
+
+def capture_routing(layer):
+    captured = {}
+    forward = layer.router.forward
+
+    def recording(*args, **kwargs):
+        captured['routing'] = forward(*args, **kwargs)
+        return captured['routing']
+
+    layer.router.forward = recording
+    return captured
+
+
+@pytest.mark.parametrize('router', SPARSE_ROUTERS)
+def test_one_expert_equals_mmcv_ffn(router):
+    layer = make_layer(router, num_experts=1)
+    ffn = FFN(embed_dims=D, feedforward_channels=H)
+    upcycle_from_ffn(layer, ffn)
+    x = torch.randn(2, 7, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_moe = layer(x1, routing_targets=torch.tensor([0, 0]))
+    out_ffn = ffn(x2)
+    torch.testing.assert_close(out_moe, out_ffn, rtol=0, atol=1e-6)
+    grad = torch.randn_like(out_ffn)
+    out_moe.backward(grad)
+    out_ffn.backward(grad)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.experts.fc1_weight.grad[0], ffn.layers[0][0].weight.grad,
+                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.experts.fc2_bias.grad[0], ffn.layers[1].bias.grad,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('capacity_factor', [None, 0.5])
+@pytest.mark.parametrize('router', SPARSE_ROUTERS)
+def test_sparse_output_equals_per_token_reference(router, capacity_factor):
+    layer = make_layer(router, capacity_factor=capacity_factor).eval()
+    captured = capture_routing(layer)
+    x = torch.randn(2, 9, D)
+    out = layer(x, routing_targets=torch.tensor([1, 2]))
+    routing = captured['routing']
+    tokens = x.reshape(-1, D)
+    expected = tokens.clone()  # residual
+    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(),
+                       routing.combine_weight.tolist()):
+        expected[t] += w * expert_reference(layer, e, tokens[t])
+    torch.testing.assert_close(out.reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_soft_moe_equals_per_slot_reference():
+    layer = make_layer('SoftMoERouter').eval()
+    captured = capture_routing(layer)
+    x = torch.randn(2, 11, D)  # 11 tokens -> groups of 8 and 3 (+5 padding) per image
+    out = layer(x)
+    routing = captured['routing']
+    tokens = x.reshape(-1, D)
+    expected = tokens.clone()
+    num_slots = routing.dispatch_weights.shape[-1]
+    for g, members in enumerate(routing.group_index.tolist()):
+        slot_out = []
+        for s in range(num_slots):
+            slot_in = sum(routing.dispatch_weights[g, m, s] * tokens[t]
+                          for m, t in enumerate(members) if t >= 0)
+            slot_out.append(expert_reference(layer, s // 2, slot_in))
+        for m, t in enumerate(members):
+            if t >= 0:
+                expected[t] += sum(routing.combine_weights[g, m, s] * slot_out[s]
+                                   for s in range(num_slots))
+    # padding never receives dispatch mass
+    assert torch.all(routing.dispatch_weights[routing.group_index < 0] == 0)
+    torch.testing.assert_close(out.reshape(-1, D), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_soft_moe_groups_stay_within_images():
+    layer = make_layer('SoftMoERouter').eval()
+    x = torch.randn(2, 11, D)
+    out = layer(x)
+    x2 = x.clone()
+    x2[1] = torch.randn(11, D)
+    torch.testing.assert_close(layer(x2)[0], out[0])
+
+
+@pytest.mark.parametrize('capacity_factor', [0.3, 0.5, 1.0])
+@pytest.mark.parametrize('router', SPARSE_ROUTERS)
+def test_capacity_never_exceeded(router, capacity_factor):
+    layer = make_layer(router, capacity_factor=capacity_factor)
+    layer.train()
+    # Skewed tokens, so that most want the same expert.
+    x = torch.randn(3, 20, D) + 3 * torch.randn(D)
+    layer(x, routing_targets=torch.tensor([0, 0, 0]))
+    capacity = -(-60 * capacity_factor // 4)
+    per_expert = layer.last_routing['dispatch_mask'].reshape(-1, 4).sum(0)
+    assert per_expert.max() <= capacity
+    if router in ('SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter'):
+        dropped = layer.last_routing['expert_index'] == -1
+        assert torch.all(layer.last_routing['gates'][dropped] == 0)
+        assert per_expert.sum() + dropped.sum() == 60
+
+
+def test_no_capacity_drops_nothing():
+    layer = make_layer('SoftmaxTokenChoiceRouter', capacity_factor=None)
+    layer(torch.randn(2, 30, D) + 5)
+    assert torch.all(layer.last_routing['expert_index'] >= 0)
+
+
+@pytest.mark.parametrize('router', ALL_ROUTERS)
+def test_router_receives_gradients(router):
+    layer = make_layer(router).train()
+    out = layer(torch.randn(2, 12, D), routing_targets=torch.tensor([0, 1]))
+    loss = out.pow(2).sum() + sum(layer.aux_losses.values())
+    loss.backward()
+    grads = [p.grad for n, p in layer.named_parameters() if n.startswith('router.')]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    assert layer.experts.fc1_weight.grad.abs().sum() > 0
+
+
+def test_eval_routing_is_deterministic():
+    layer = make_layer('SoftmaxTokenChoiceRouter').eval()
+    x = torch.randn(2, 10, D)
+    torch.testing.assert_close(layer(x), layer(x))
+
+
+def test_upcycled_experts_scale_the_dense_ffn_by_the_gate():
+    layer = make_layer('SoftmaxTokenChoiceRouter').eval()
+    ffn = FFN(embed_dims=D, feedforward_channels=H)
+    upcycle_from_ffn(layer, ffn)
+    x = torch.randn(1, 6, D)
+    out = layer(x)
+    gates = layer.last_routing['gates']
+    torch.testing.assert_close(out - x, gates * (ffn(x) - x), rtol=1e-5, atol=1e-6)
+
+
+def test_routing_targets_context_does_not_leak():
+    layer = make_layer('DatasetAwareRouter').train()
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(2, 5, D)
+    with routing_targets(model, torch.tensor([3, 1])):
+        model(x)
+        assert layer.last_routing['targets'].tolist() == [3, 1]
+    assert layer.context_targets is None
+    with pytest.raises(ValueError, match='needs routing targets'):
+        model(x)
+    with pytest.raises(RuntimeError):
+        with routing_targets(model, torch.tensor([3, 1])):
+            raise RuntimeError('forward failed')
+    assert layer.context_targets is None
+    layer.eval()  # inference needs no dataset ids
+    model(x)
+    assert layer.last_routing['targets'] is None
+
+
+def test_bad_configuration_raises():
+    with pytest.raises(ValueError, match='unknown router type .NoSuchRouter.'):
+        MoEFFN(embed_dims=D, feedforward_channels=H, router=dict(type='NoSuchRouter'))
+    with pytest.raises(ValueError, match='top_k'):
+        MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=2,
+               router=dict(type='SoftmaxTokenChoiceRouter', top_k=3))
+    with pytest.raises(ValueError, match='capacity_factor'):
+        MoEFFN(embed_dims=D, feedforward_channels=H, capacity_factor=0)
+    layer = make_layer('SoftmaxTokenChoiceRouter')
+    with pytest.raises(ValueError, match=r'lie in \[0, 4\)'):
+        layer(torch.randn(2, 3, D), routing_targets=torch.tensor([0, 4]))
+    with pytest.raises(ValueError, match='shape'):
+        layer(torch.randn(2, 3, D), routing_targets=torch.tensor([0]))
+    with pytest.raises(ValueError, match='expects'):
+        layer(torch.randn(6, D))
