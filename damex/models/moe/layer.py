@@ -168,6 +168,22 @@ class MoEFFN(BaseModule):
             summary[key] = per_token(value) if key in _PER_TOKEN_KEYS else value.detach()
         return summary
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Accept a dense mmcv FFN's keys (``layers.0.0.*``, ``layers.1.*``): upcycle them.
+
+        So a dense checkpoint (e.g. mmdet's DINO) loads into a model whose FFN became an
+        MoE layer, every expert starting from the dense weights; the router keeps its init.
+        """
+        dense_keys = {'fc1_weight': 'layers.0.0.weight', 'fc1_bias': 'layers.0.0.bias',
+                      'fc2_weight': 'layers.1.weight', 'fc2_bias': 'layers.1.bias'}
+        if (prefix + 'experts.fc1_weight' not in state_dict
+                and prefix + dense_keys['fc1_weight'] in state_dict):
+            for name, dense_key in dense_keys.items():
+                value = state_dict.pop(prefix + dense_key)
+                state_dict[prefix + 'experts.' + name] = value.unsqueeze(0).expand(
+                    self.num_experts, *value.shape).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, num_experts={self.num_experts}, '
                 f'capacity_factor={self.capacity_factor}')

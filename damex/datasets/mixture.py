@@ -1,0 +1,111 @@
+"""DatasetMixture: datasets with different label spaces as one training set.
+
+Every sample is tagged with its dataset (``dataset_id``, ``dataset_name``) and its
+routing target (``expert_id``) in ``data_sample.metainfo``, and its labels are moved
+into the unified label space, for any pipeline that ends in mmdet's plain
+``PackDetInputs()``.
+"""
+from typing import List, Optional, Sequence, Union
+
+from mmengine.dataset import BaseDataset
+from mmengine.dataset import ConcatDataset as MMEngineConcatDataset
+
+from mmdet.datasets import CocoDataset
+from mmdet.registry import DATASETS
+from .label_space import LabelSpace
+
+
+def assign_experts(entries: Sequence[dict], num_experts: Optional[int]) -> List[int]:
+    """Expert of every dataset: as given, else one per dataset in order.
+
+    Several datasets may share an expert; a dataset left without one because the
+    experts ran out, or an expert out of range, is an error naming the dataset.
+    """
+    experts = []
+    for i, entry in enumerate(entries):
+        expert = entry.get('expert', i)
+        name = entry['name']
+        if 'expert' not in entry and num_experts is not None and i >= num_experts:
+            raise ValueError(f'dataset {name!r} (#{i}) has no expert: the {num_experts} experts '
+                             'ran out; give it one with expert=<index> (experts may be shared)')
+        if not isinstance(expert, int) or expert < 0 or (
+                num_experts is not None and expert >= num_experts):
+            limit = f'[0, {num_experts})' if num_experts is not None else 'a non-negative int'
+            raise ValueError(f'dataset {name!r}: expert {expert!r} must be {limit}')
+        experts.append(expert)
+    return experts
+
+
+@DATASETS.register_module()
+class DatasetMixture(MMEngineConcatDataset):
+    """Concatenate datasets, each with its own pipeline, under one unified label space.
+
+    Args:
+        datasets: ``[dict(name='dota', dataset=dict(type='DOTADataset', ...), expert=0), ...]``;
+            ``expert`` defaults to the dataset's position.
+        num_experts: if given, every expert must lie in [0, num_experts) and a dataset
+            without an explicit expert past the last expert is an error.
+        merge_classes: None (default) for the disjoint union of all classes, True to
+            merge classes that share a name, or ``{'dataset.class': 'unified name'}``.
+        lazy_init: as mmengine's ConcatDataset.
+
+    ``metainfo`` holds ``classes`` (unified), ``dataset_names`` and ``label_space``
+    (each dataset's name, classes, offset, label_map and expert; read it with
+    :meth:`LabelSpace.from_metainfo`).
+    """
+
+    def __init__(self, datasets: Sequence[dict], num_experts: Optional[int] = None,
+                 merge_classes: Union[None, bool, dict] = None, lazy_init: bool = False):
+        if not datasets:
+            raise ValueError('DatasetMixture needs at least one dataset')
+        names = []
+        for i, entry in enumerate(datasets):
+            if not isinstance(entry, dict) or 'name' not in entry or 'dataset' not in entry:
+                raise ValueError(f'DatasetMixture: datasets[{i}] must be dict(name=..., '
+                                 f'dataset=dict(type=...), expert=...), got {entry!r}')
+            if entry['name'] in names:
+                raise ValueError(f'DatasetMixture: duplicate dataset name {entry["name"]!r}')
+            names.append(entry['name'])
+        experts = assign_experts(datasets, num_experts)
+        built = [e['dataset'] if isinstance(e['dataset'], BaseDataset) else
+                 DATASETS.build(e['dataset']) for e in datasets]
+        self.label_space = LabelSpace.build(
+            [(name, ds.metainfo['classes'], expert)
+             for name, ds, expert in zip(names, built, experts)], merge_classes,
+            ann_files=[ds.ann_file if isinstance(ds, CocoDataset) else None for ds in built])
+        all_keys = sorted(set().union(*(ds.metainfo.keys() for ds in built)))
+        super().__init__(built, lazy_init=lazy_init, ignore_keys=all_keys)
+        self._metainfo = dict(classes=self.label_space.classes, dataset_names=tuple(names),
+                              label_space=self.label_space.to_dict())
+
+    def __getitem__(self, idx: int) -> dict:
+        self.full_init()
+        dataset_id, sample_idx = self._get_ori_dataset_idx(idx)
+        dataset = self.datasets[dataset_id]
+        data = dataset[sample_idx]
+        # In test mode the raw annotations (original coordinates, own labels) travel with
+        # the sample, so the per-dataset metric can build ground truth for any format.
+        instances = dataset.get_data_info(sample_idx)['instances'] if dataset.test_mode else None
+        return self.tag(data, dataset_id, instances)
+
+    def tag(self, data: dict, dataset_id: int, instances: Optional[list] = None) -> dict:
+        """Add the dataset, its expert and label map to the packed sample; unify its labels."""
+        sample = data.get('data_samples') if isinstance(data, dict) else None
+        if sample is None or not hasattr(sample, 'set_metainfo'):
+            name = self.label_space.datasets[dataset_id].name
+            raise TypeError(f'DatasetMixture: the pipeline of dataset {name!r} must end in '
+                            'PackDetInputs (its output has no "data_samples")')
+        entry = self.label_space.datasets[dataset_id]
+        sample.set_metainfo(dict(dataset_id=dataset_id, dataset_name=entry.name,
+                                 expert_id=entry.expert, label_map=list(entry.label_map)))
+        if instances is not None:
+            sample.set_metainfo(dict(instances=instances))
+        for field in ('gt_instances', 'ignored_instances'):
+            instances = sample.get(field)
+            if instances is not None and 'labels' in instances:
+                instances.labels = self.label_space.to_unified(dataset_id, instances.labels)
+        return data
+
+    def dataset_sizes(self) -> List[int]:
+        self.full_init()
+        return [len(ds) for ds in self.datasets]

@@ -1,0 +1,4 @@
+"""Detection heads."""
+from .dataset_aware_dino_head import DatasetAwareDINOHead
+
+__all__ = ['DatasetAwareDINOHead']

@@ -1,0 +1,4 @@
+"""Detectors: DAMEX-DINO."""
+from .damex_dino import DAMEXDINO
+
+__all__ = ['DAMEXDINO']
