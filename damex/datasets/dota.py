@@ -139,7 +139,8 @@ class DOTADataset(BaseDetDataset):
                 self.report.skip('malformed lines or unknown classes', where)
                 continue
             polygon = Polygon(list(zip(coords[0::2], coords[1::2])))
-            problem = ('degenerate polygons' if polygon.area <= self.min_area else
+            area = polygon.area if polygon.is_valid else polygon.buffer(0).area
+            problem = ('degenerate polygons' if area <= self.min_area else
                        'self-intersecting polygons' if not polygon.is_valid else None)
             if problem:
                 if self.invalid_polygon == 'error':

@@ -10,7 +10,7 @@ import os
 import os.path as osp
 import warnings
 import xml.etree.ElementTree as ET
-from typing import List
+from typing import List, Optional
 
 from mmdet.datasets import BaseDetDataset
 from mmdet.registry import DATASETS
@@ -25,11 +25,15 @@ class XMLFolderDataset(BaseDetDataset):
     Args:
         difficult_as_ignore: mark ``<difficult>1</difficult>`` objects as ignore.
         strict: unknown class names raise (default); False skips them with one warning.
+        class_aliases: names used in the XML files mapped onto ``classes``, e.g.
+            ``dict(Alive='Tree', Dead='Tree')`` (the NEON SOAP tile labels its trees so).
     """
 
-    def __init__(self, *args, difficult_as_ignore: bool = True, strict: bool = True, **kwargs):
+    def __init__(self, *args, difficult_as_ignore: bool = True, strict: bool = True,
+                 class_aliases: Optional[dict] = None, **kwargs):
         self.difficult_as_ignore = difficult_as_ignore
         self.strict = strict
+        self.class_aliases = dict(class_aliases or {})
         metainfo = kwargs.get('metainfo') or {}
         if 'classes' not in metainfo:
             raise ValueError('XMLFolderDataset needs its class names: metainfo=dict(classes=(...))')
@@ -75,6 +79,7 @@ class XMLFolderDataset(BaseDetDataset):
         for index, obj in enumerate(root.findall('object')):
             where = f'{path} (object {index})'
             cls_name = (obj.findtext('name') or '').strip()
+            cls_name = self.class_aliases.get(cls_name, cls_name)
             if cls_name not in self.cat2label:
                 if self.strict:
                     raise AnnotationError(f'{where}: unknown class {cls_name!r}; known classes are '
