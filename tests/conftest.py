@@ -58,3 +58,10 @@ def tiny_demo_config(work_dir, config='configs/demo/damex_demo.py', max_iters=2,
         cfg.model.moe.update(moe)
     cfg.randomness = dict(seed=0)
     return cfg
+
+
+@pytest.fixture(autouse=True, scope='session')
+def mmdet_scope():
+    """Build transforms and datasets in mmdet's scope, as a Runner with mmdet configs does."""
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
