@@ -65,7 +65,7 @@ def uodb_mixture(split, pipeline):
 # official code's 178-way head adds one background class per dataset).
 model = dict(
     type='DAMEXDINO',
-    moe=None,  # dense: every FFN of mmdet's DINO
+    # no `moe`: every FFN stays dense (mmdet's DINO); the MoE rows add one
     bbox_head=dict(type='DatasetAwareDINOHead', num_classes=167))
 
 train_dataloader = dict(
