@@ -16,7 +16,7 @@ allow_mmengine_checkpoints()
 from . import models  # noqa: E402  (the MoE layer and routers need no compiled ops)
 
 if importlib.util.find_spec('mmcv._ext') is not None:
-    from . import datasets, evaluation, visualization  # noqa: E402,F401
+    from . import datasets, engine, evaluation, visualization  # noqa: E402,F401
     from .models import dense_heads, detectors  # noqa: E402,F401
 else:
     warnings.warn('mmcv has no compiled ops (mmcv-lite?): only damex.models.moe is available; '

@@ -75,3 +75,5 @@ val_dataloader = dict(dataset=dict(_delete_=True, **uodb_mixture('val', {{_base_
 test_dataloader = val_dataloader
 val_evaluator = dict(_delete_=True, type='PerDatasetCocoMetric')
 test_evaluator = val_evaluator
+# Exact resume (random states in checkpoints) and an expert-map check before training.
+custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]

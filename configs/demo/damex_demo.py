@@ -85,3 +85,5 @@ default_hooks = dict(
     checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
 auto_scale_lr = dict(enable=False)
+# Exact resume (random states in checkpoints) and an expert-map check before training.
+custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]

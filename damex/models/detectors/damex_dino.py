@@ -60,6 +60,7 @@ class DAMEXDINO(DINO):
                     raise ValueError(f'moe.{part}_layers: layer {index} does not exist, the '
                                      f'{part} has {len(layers)} layers')
                 layers[index].ffn = self._build_moe_ffn(layers[index])
+                layers[index].ffn.name = f'{part}.layers.{index}.ffn'
 
     def _build_moe_ffn(self, layer: nn.Module) -> MoEFFN:
         ffn_cfg = dict(layer.ffn_cfg)

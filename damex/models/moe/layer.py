@@ -77,6 +77,8 @@ class MoEFFN(BaseModule):
         self.aux_losses: Dict[str, Tensor] = {}
         self.last_routing: Dict[str, Optional[Tensor]] = {}
         self.context_targets: Optional[Tensor] = None
+        #: how errors name the layer; the detector sets its module path.
+        self.name = 'MoEFFN'
 
     def forward(self, x: Tensor, identity: Optional[Tensor] = None,
                 routing_targets: Optional[Tensor] = None) -> Tensor:
@@ -92,6 +94,11 @@ class MoEFFN(BaseModule):
         targets = self._check_targets(targets, x.shape[0])
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         routing = self.router(x, targets, factor)
+        if not torch.isfinite(routing.logits).all():
+            raise FloatingPointError(
+                f'{self.name}: router logits are not finite (nan/inf) in this forward; the '
+                'input tokens or the router diverged. The z-loss (router use_z_loss=True) '
+                'keeps logits small; lowering the learning rate or clipping gradients helps too')
         tokens = x.reshape(-1, self.embed_dims)
         if isinstance(routing, SoftRouting):
             out = self._soft_forward(tokens, routing)

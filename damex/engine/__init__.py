@@ -1,0 +1,4 @@
+"""Runner hooks."""
+from .hooks import ExpertMapCheckHook, RandomStateHook
+
+__all__ = ['ExpertMapCheckHook', 'RandomStateHook']
