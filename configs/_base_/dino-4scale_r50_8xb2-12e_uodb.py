@@ -77,3 +77,8 @@ val_evaluator = dict(_delete_=True, type='PerDatasetCocoMetric')
 test_evaluator = val_evaluator
 # Exact resume (random states in checkpoints) and an expert-map check before training.
 custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]
+# Data parallel: every parameter (experts included) gets a gradient in every step, even
+# when an expert receives no token, so DDP needs no find_unused_parameters. Built through
+# the wrapper config (no device_ids) so that the same config also runs on CPU with gloo.
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+                         find_unused_parameters=False)
