@@ -79,6 +79,7 @@ test_evaluator = val_evaluator
 custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]
 # Data parallel: every parameter (experts included) gets a gradient in every step, even
 # when an expert receives no token, so DDP needs no find_unused_parameters. Built through
-# the wrapper config (no device_ids) so that the same config also runs on CPU with gloo.
-model_wrapper_cfg = dict(type='MMDistributedDataParallel', broadcast_buffers=False,
+# the wrapper config with device_ids=None (DDP then uses the module's device) so that the
+# same config also runs on CPU with gloo.
+model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                          find_unused_parameters=False)
