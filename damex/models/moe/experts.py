@@ -60,9 +60,18 @@ class StackedExperts(nn.Module):
         hidden = self.drop(self.activate(F.linear(x, self.fc1_weight[index], self.fc1_bias[index])))
         return self.drop(F.linear(hidden, self.fc2_weight[index], self.fc2_bias[index]))
 
-    def forward_sorted(self, x: Tensor, counts: List[int]) -> Tensor:
-        """Tokens sorted by expert, ``counts[e]`` of them for expert e: one GEMM pair per expert."""
-        return torch.cat([self.expert(e, chunk) for e, chunk in enumerate(x.split(counts))])
+    def forward_sorted(self, x: Tensor, counts: List[int], weight: Tensor) -> Tensor:
+        """``weight * expert(x)`` for tokens sorted by expert, ``counts[e]`` for expert e.
+
+        One GEMM pair per expert. Without dropout in training this runs as one autograd
+        function that keeps only the inputs and the pre-activations for backward (not the
+        expert outputs), so an MoE layer stores about what a dense FFN stores.
+        """
+        if self.training and self.drop.p > 0:
+            out = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(x.split(counts))])
+            return out * weight.to(out.dtype)[:, None]
+        return _WeightedExperts.apply(x, weight.to(x.dtype), self.fc1_weight, self.fc1_bias,
+                                      self.fc2_weight, self.fc2_bias, counts, self.activate)
 
     def forward_batched(self, x: Tensor) -> Tensor:
         """x: (E, C, D), one row of slots per expert -> (E, C, D) with batched GEMMs."""
@@ -74,3 +83,48 @@ class StackedExperts(nn.Module):
     def extra_repr(self) -> str:
         e, h, d = self.fc1_weight.shape
         return f'num_experts={e}, embed_dims={d}, feedforward_channels={h}'
+
+
+class _WeightedExperts(torch.autograd.Function):
+    """y = w * fc2(act(fc1(x))) per expert slice, with a hand-written backward.
+
+    Saves x and the pre-activation z1 only. The gradient of the combine weight,
+    <g_y, fc2(h)> = <g_y W2, h> + <g_y, b2>, reuses g_y W2, which the gradient of h needs
+    anyway, so the expert output need not be kept.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, w1, b1, w2, b2, counts, activate):
+        outputs, pre_activations = [], []
+        for e, chunk in enumerate(x.split(counts)):
+            z1 = F.linear(chunk, w1[e], b1[e])
+            pre_activations.append(z1)
+            outputs.append(F.linear(activate(z1.clone()), w2[e], b2[e]))
+        out = torch.cat(outputs) * weight[:, None]
+        ctx.save_for_backward(x, weight, w1, b2, w2, torch.cat(pre_activations))
+        ctx.counts, ctx.activate = counts, activate
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, w1, b2, w2, z1 = ctx.saved_tensors
+        counts = ctx.counts
+        grads = dict(x=[], weight=[], w1=[], b1=[], w2=[], b2=[])
+        slices = zip(x.split(counts), weight.split(counts), z1.split(counts),
+                     grad_out.split(counts))
+        for e, (x_e, w_e, z_e, g_e) in enumerate(slices):
+            with torch.enable_grad():
+                z = z_e.detach().requires_grad_(True)
+                h = ctx.activate(z * 1.0)
+            g_w2h = g_e @ w2[e]  # (A_e, H): g_y W2
+            grads['weight'].append((g_w2h * h.detach()).sum(-1) + g_e @ b2[e])
+            g_pre2 = g_e * w_e[:, None]
+            grads['w2'].append(g_pre2.t() @ h.detach())
+            grads['b2'].append(g_pre2.sum(0))
+            g_z1, = torch.autograd.grad(h, z, g_w2h * w_e[:, None])
+            grads['w1'].append(g_z1.t() @ x_e)
+            grads['b1'].append(g_z1.sum(0))
+            grads['x'].append(g_z1 @ w1[e])
+        return (torch.cat(grads['x']), torch.cat(grads['weight']), torch.stack(grads['w1']),
+                torch.stack(grads['b1']), torch.stack(grads['w2']), torch.stack(grads['b2']),
+                None, None)

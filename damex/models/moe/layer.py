@@ -135,9 +135,11 @@ class MoEFFN(BaseModule):
         order = torch.argsort(routing.expert_index, stable=True)
         token_index = routing.token_index[order]
         counts = torch.bincount(routing.expert_index, minlength=self.num_experts).tolist()
-        expert_out = self.experts.forward_sorted(tokens.index_select(0, token_index), counts)
-        expert_out = expert_out * routing.combine_weight[order].to(expert_out.dtype)[:, None]
-        return tokens.new_zeros(tokens.shape).index_add_(0, token_index, expert_out)
+        expert_out = self.experts.forward_sorted(tokens.index_select(0, token_index), counts,
+                                                 routing.combine_weight[order])
+        # index_put(accumulate) keeps only the index for backward (index_add keeps the source)
+        return tokens.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,
+                                                         accumulate=True)
 
     def _soft_forward(self, tokens: Tensor, routing: SoftRouting) -> Tensor:
         """Slots = dispatch-weighted token sums per group; experts run on (E, G*P, D) slots."""
