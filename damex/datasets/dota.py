@@ -41,6 +41,17 @@ def find_image(folder: str, stem: str) -> str:
                             f'in {folder}')
 
 
+def list_annotation_files(dataset: str, ann_dir: str, extension: str) -> List[str]:
+    """Sorted annotation file names in ``ann_dir``; an error naming the folder if none."""
+    if not osp.isdir(ann_dir):
+        raise FileNotFoundError(f'{dataset}: ann_file must be a folder of {extension} files, '
+                                f'{ann_dir} is not a folder')
+    files = sorted(f for f in os.listdir(ann_dir) if f.endswith(extension))
+    if not files:
+        raise FileNotFoundError(f'{dataset}: no {extension} annotation files in {ann_dir}')
+    return files
+
+
 def image_size(path: str):
     """(width, height) from the image header, without decoding the pixels."""
     try:
@@ -99,13 +110,8 @@ class DOTADataset(BaseDetDataset):
 
     def load_data_list(self) -> List[dict]:
         ann_dir = self.ann_file
-        if not osp.isdir(ann_dir):
-            raise FileNotFoundError(f'DOTADataset: ann_file must be a folder of DOTA txt files, '
-                                    f'{ann_dir} is not a folder')
+        files = list_annotation_files('DOTADataset', ann_dir, '.txt')
         img_dir = self.data_prefix.get('img_path', '')
-        files = sorted(f for f in os.listdir(ann_dir) if f.endswith('.txt'))
-        if not files:
-            raise FileNotFoundError(f'DOTADataset: no .txt annotation files in {ann_dir}')
         self.cat2label = {name: i for i, name in enumerate(self.metainfo['classes'])}
         self.report = AnnotationReport(f'DOTADataset({ann_dir})')
         data_list = []

@@ -6,7 +6,6 @@
 ``.png`` shipped, as in the NEON tree tiles), that image is used and one warning lists
 the substitutions; with neither, loading fails naming both.
 """
-import os
 import os.path as osp
 import warnings
 import xml.etree.ElementTree as ET
@@ -15,7 +14,7 @@ from typing import List, Optional
 from mmdet.datasets import BaseDetDataset
 from mmdet.registry import DATASETS
 from .annotation_report import AnnotationReport
-from .dota import AnnotationError, find_image, image_size
+from .dota import AnnotationError, find_image, image_size, list_annotation_files
 
 
 @DATASETS.register_module()
@@ -41,13 +40,8 @@ class XMLFolderDataset(BaseDetDataset):
 
     def load_data_list(self) -> List[dict]:
         ann_dir = self.ann_file
-        if not osp.isdir(ann_dir):
-            raise FileNotFoundError(f'XMLFolderDataset: ann_file must be a folder of .xml files, '
-                                    f'{ann_dir} is not a folder')
+        files = list_annotation_files('XMLFolderDataset', ann_dir, '.xml')
         img_dir = self.data_prefix.get('img_path') or ann_dir
-        files = sorted(f for f in os.listdir(ann_dir) if f.endswith('.xml'))
-        if not files:
-            raise FileNotFoundError(f'XMLFolderDataset: no .xml files in {ann_dir}')
         self.cat2label = {name: i for i, name in enumerate(self.metainfo['classes'])}
         self.report = AnnotationReport(f'XMLFolderDataset({ann_dir})')
         substituted = []
