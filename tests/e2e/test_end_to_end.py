@@ -73,7 +73,7 @@ def test_mim_train_runs_the_demo_config(demo_data, tmp_path):
     assert 'loss_damex' in result.stdout + result.stderr
 
 
-def test_mim_test_prints_the_per_dataset_table(demo_data, tmp_path):
+def test_mim_test_and_plot_routing_on_a_checkpoint(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     Runner.from_cfg(cfg).train()
     mim = osp.join(osp.dirname(sys.executable), 'mim')
@@ -88,3 +88,15 @@ def test_mim_test_prints_the_per_dataset_table(demo_data, tmp_path):
     assert result.returncode == 0, output[-3000:]
     assert 'Per-dataset box AP' in output and '| aerial ' in output
     assert 'routing/accuracy' in output
+
+    result = subprocess.run(
+        [sys.executable, 'tools/analysis_tools/plot_routing.py', 'configs/demo/damex_demo.py',
+         str(tmp_path / 'iter_1.pth'), '--out-dir', str(tmp_path / 'plots'),
+         '--work-dir', str(tmp_path / 'plot_work'), '--cfg-options',
+         'model.encoder.num_layers=1', 'model.num_queries=20',
+         'model.dn_cfg.group_cfg.num_dn_queries=10'],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+        env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert 'routing/accuracy' in result.stdout
+    assert len(glob.glob(str(tmp_path / 'plots' / 'routing_decoder_layers_*_ffn.png'))) == 3

@@ -1,6 +1,6 @@
 """Routing heatmaps (dataset x expert, one per MoE layer) from a config and a checkpoint.
 
-    python tools/analysis_tools/plot_routing.py CONFIG CHECKPOINT [--out-dir DIR]
+    python tools/analysis_tools/plot_routing.py CONFIG CHECKPOINT [--out-dir DIR] [--cfg-options ...]
 
 Runs the config's test set through the model (mmengine's test loop), counts which expert
 each dataset's tokens reach in every MoE layer, prints the routing accuracy and saves the
@@ -9,7 +9,7 @@ heatmaps (default: <work_dir>/routing).
 import argparse
 import os.path as osp
 
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
 
 
@@ -19,8 +19,12 @@ def main():
     parser.add_argument('checkpoint')
     parser.add_argument('--out-dir', default=None)
     parser.add_argument('--work-dir', default=None)
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, as in tools/test.py')
     args = parser.parse_args()
     cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
     name = osp.splitext(osp.basename(args.config))[0]
     cfg.work_dir = args.work_dir or osp.join('work_dirs', name)
     out_dir = args.out_dir or osp.join(cfg.work_dir, 'routing')
