@@ -16,6 +16,8 @@ def sample_data():
     """The shared real sample data (DOTA + NEON trees), from $DAMEX_SAMPLE_DATA."""
     path = os.environ.get('DAMEX_SAMPLE_DATA')
     if not path:
+        if os.environ.get('CI'):
+            pytest.fail('CI must set DAMEX_SAMPLE_DATA (.ci/run does): real-data tests never skip there')
         pytest.skip('set DAMEX_SAMPLE_DATA to the shared sample data folder (CI sets it)')
     if not os.path.isdir(path):
         raise FileNotFoundError(f'DAMEX_SAMPLE_DATA={path} is not a folder')

@@ -23,7 +23,6 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from mmcv.cnn.bricks.transformer import FFN
 
 from damex.models.moe import MoEFFN, upcycle_from_ffn

@@ -2,7 +2,6 @@
 import contextlib
 import io
 import os.path as osp
-from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np

@@ -1,7 +1,6 @@
 """Token-choice routers: every token picks its experts (V-MoE, DAMEX, Sinkhorn token choice)."""
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from mmdet.registry import MODELS
