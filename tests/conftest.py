@@ -51,6 +51,7 @@ def tiny_demo_config(work_dir, config='configs/demo/damex_demo.py', max_iters=2,
     cfg.work_dir = str(work_dir)
     cfg.train_cfg.max_iters = max_iters
     cfg.train_cfg.val_interval = 10 ** 6
+    cfg.train_cfg.val_begin = max_iters + 1  # the loop would also validate after the last iter
     cfg.default_hooks.checkpoint.interval = max_iters
     cfg.default_hooks.logger.interval = 1
     cfg.model.encoder.num_layers = 1

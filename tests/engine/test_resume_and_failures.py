@@ -50,7 +50,8 @@ def test_sigkill_mid_run_leaves_the_last_checkpoint_loadable(demo_data, tmp_path
     process = subprocess.Popen(
         [sys.executable, 'tools/train.py', 'configs/demo/damex_demo.py', '--work-dir',
          str(work_dir), '--cfg-options', 'train_cfg.max_iters=100',
-         'default_hooks.checkpoint.interval=1', 'model.encoder.num_layers=1'],
+         'default_hooks.checkpoint.interval=1', 'model.encoder.num_layers=1',
+         'model.num_queries=20', 'model.dn_cfg.group_cfg.num_dn_queries=10'],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
@@ -115,7 +116,6 @@ def test_images_without_objects_or_with_only_ignored_objects_train(demo_data, tm
     entry.dataset.ann_file = str(root / 'labelTxt')
     entry.dataset.data_prefix = dict(img_path=str(root / 'images'))
     cfg.train_dataloader.dataset.datasets = [entry]  # only the odd images: batch = both
-    cfg.model.moe.num_experts = 2
     runner = Runner.from_cfg(cfg)
     runner.train()
     losses = train_losses(runner)
