@@ -60,18 +60,22 @@ class StackedExperts(nn.Module):
         hidden = self.drop(self.activate(F.linear(x, self.fc1_weight[index], self.fc1_bias[index])))
         return self.drop(F.linear(hidden, self.fc2_weight[index], self.fc2_bias[index]))
 
-    def forward_sorted(self, x: Tensor, counts: List[int], weight: Tensor) -> Tensor:
-        """``weight * expert(x)`` for tokens sorted by expert, ``counts[e]`` for expert e.
+    def forward_sorted(self, tokens: Tensor, token_index: Tensor, counts: List[int],
+                       weight: Tensor) -> Tensor:
+        """``weight * expert(tokens[token_index])``, assignments sorted by expert.
 
-        One GEMM pair per expert. Without dropout in training this runs as one autograd
-        function that keeps only the inputs and the pre-activations for backward (not the
-        expert outputs), so an MoE layer stores about what a dense FFN stores.
+        ``counts[e]`` assignments go to expert e; one GEMM pair per expert. Without dropout
+        in training this runs as one autograd function (:class:`_WeightedExperts`) that
+        stores about what a dense FFN stores and makes no extra passes over the hidden
+        activations.
         """
         if self.training and self.drop.p > 0:
+            x = tokens.index_select(0, token_index)
             out = torch.cat([self.expert(e, chunk) for e, chunk in enumerate(x.split(counts))])
             return out * weight.to(out.dtype)[:, None]
-        return _WeightedExperts.apply(x, weight.to(x.dtype), self.fc1_weight, self.fc1_bias,
-                                      self.fc2_weight, self.fc2_bias, counts, self.activate)
+        return _WeightedExperts.apply(tokens, token_index, weight.to(tokens.dtype),
+                                      self.fc1_weight, self.fc1_bias, self.fc2_weight,
+                                      self.fc2_bias, counts, self.activate)
 
     def forward_batched(self, x: Tensor) -> Tensor:
         """x: (E, C, D), one row of slots per expert -> (E, C, D) with batched GEMMs."""
@@ -86,45 +90,69 @@ class StackedExperts(nn.Module):
 
 
 class _WeightedExperts(torch.autograd.Function):
-    """y = w * fc2(act(fc1(x))) per expert slice, with a hand-written backward.
+    """y = w * fc2(act(fc1(x))), x = tokens[token_index], per expert slice; hand backward.
 
-    Saves x and the pre-activation z1 only. The gradient of the combine weight,
-    <g_y, fc2(h)> = <g_y W2, h> + <g_y, b2>, reuses g_y W2, which the gradient of h needs
-    anyway, so the expert output need not be kept.
+    Time and memory as a dense FFN's. Kept for backward: the token index (the tokens
+    themselves are kept by the router's gate anyway), one (A, H) activation (ReLU's output,
+    from which its derivative follows; for other activations the pre-activation,
+    re-activated in backward) and the unweighted expert output (A, D), from which the
+    combine weight's gradient <g_y, fc2(h)> is a cheap (A, D) dot. The weight multiplies
+    (A, D)-sized tensors only and GEMMs write into preallocated outputs, so no pass over
+    (A, H) data is added to the dense FFN's.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, w1, b1, w2, b2, counts, activate):
-        outputs, pre_activations = [], []
-        for e, chunk in enumerate(x.split(counts)):
-            z1 = F.linear(chunk, w1[e], b1[e])
-            pre_activations.append(z1)
-            outputs.append(F.linear(activate(z1.clone()), w2[e], b2[e]))
-        out = torch.cat(outputs) * weight[:, None]
-        ctx.save_for_backward(x, weight, w1, b2, w2, torch.cat(pre_activations))
-        ctx.counts, ctx.activate = counts, activate
-        return out
+    def forward(ctx, tokens, token_index, weight, w1, b1, w2, b2, counts, activate):
+        relu = isinstance(activate, nn.ReLU)
+        x = tokens.index_select(0, token_index)
+        hidden = x.new_empty(x.shape[0], w1.shape[1])
+        expert_out = x.new_empty(x.shape[0], w2.shape[1])
+        for e, (x_e, z_e) in enumerate(zip(x.split(counts), hidden.split(counts))):
+            if len(x_e):
+                torch.addmm(b1[e], x_e, w1[e].t(), out=z_e)
+        if relu:
+            activated = hidden.relu_()
+        else:
+            activated = activate(hidden.clone() if getattr(activate, 'inplace', False) else hidden)
+        for e, (h_e, y_e) in enumerate(zip(activated.split(counts), expert_out.split(counts))):
+            if len(h_e):
+                torch.addmm(b2[e], h_e, w2[e].t(), out=y_e)
+        ctx.save_for_backward(tokens, token_index, weight, w1, w2, hidden, expert_out)
+        ctx.counts, ctx.activate, ctx.relu = counts, activate, relu
+        return expert_out * weight[:, None]
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, w1, b2, w2, z1 = ctx.saved_tensors
-        counts = ctx.counts
-        grads = dict(x=[], weight=[], w1=[], b1=[], w2=[], b2=[])
-        slices = zip(x.split(counts), weight.split(counts), z1.split(counts),
-                     grad_out.split(counts))
-        for e, (x_e, w_e, z_e, g_e) in enumerate(slices):
-            with torch.enable_grad():
-                z = z_e.detach().requires_grad_(True)
-                h = ctx.activate(z * 1.0)
-            g_w2h = g_e @ w2[e]  # (A_e, H): g_y W2
-            grads['weight'].append((g_w2h * h.detach()).sum(-1) + g_e @ b2[e])
-            g_pre2 = g_e * w_e[:, None]
-            grads['w2'].append(g_pre2.t() @ h.detach())
-            grads['b2'].append(g_pre2.sum(0))
-            g_z1, = torch.autograd.grad(h, z, g_w2h * w_e[:, None])
-            grads['w1'].append(g_z1.t() @ x_e)
-            grads['b1'].append(g_z1.sum(0))
-            grads['x'].append(g_z1 @ w1[e])
-        return (torch.cat(grads['x']), torch.cat(grads['weight']), torch.stack(grads['w1']),
-                torch.stack(grads['b1']), torch.stack(grads['w2']), torch.stack(grads['b2']),
-                None, None)
+        tokens, token_index, weight, w1, w2, saved, expert_out = ctx.saved_tensors
+        counts, activate = ctx.counts, ctx.activate
+        grad_out = grad_out.contiguous()
+        x = tokens.index_select(0, token_index)
+        grad_weight = (grad_out * expert_out).sum(-1)
+        scaled = grad_out * weight[:, None]  # gradient at fc2's output
+        grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
+        grad_b1 = w1.new_zeros(w1.shape[:2])
+        grad_b2 = w2.new_zeros(w2.shape[:2])
+        grad_x = torch.empty_like(x)
+        grad_hidden = x.new_empty(saved.shape)
+        slices = zip(x.split(counts), saved.split(counts), scaled.split(counts),
+                     grad_x.split(counts), grad_hidden.split(counts))
+        for e, (x_e, s_e, g_e, gx_e, gh_e) in enumerate(slices):
+            if not len(x_e):
+                continue
+            torch.mm(g_e, w2[e], out=gh_e)
+            if ctx.relu:
+                h_e = s_e
+                g_z = torch.ops.aten.threshold_backward(gh_e, h_e, 0)
+            else:
+                with torch.enable_grad():
+                    z = s_e.detach().requires_grad_(True)
+                    h = activate(z.clone())
+                g_z, = torch.autograd.grad(h, z, gh_e)
+                h_e = h.detach()
+            torch.mm(g_e.t(), h_e, out=grad_w2[e])
+            torch.sum(g_e, 0, out=grad_b2[e])
+            torch.mm(g_z.t(), x_e, out=grad_w1[e])
+            torch.sum(g_z, 0, out=grad_b1[e])
+            torch.mm(g_z, w1[e], out=gx_e)
+        grad_tokens = torch.zeros_like(tokens).index_add_(0, token_index, grad_x)
+        return (grad_tokens, None, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2, None, None)

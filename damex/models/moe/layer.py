@@ -135,7 +135,7 @@ class MoEFFN(BaseModule):
         order = torch.argsort(routing.expert_index, stable=True)
         token_index = routing.token_index[order]
         counts = torch.bincount(routing.expert_index, minlength=self.num_experts).tolist()
-        expert_out = self.experts.forward_sorted(tokens.index_select(0, token_index), counts,
+        expert_out = self.experts.forward_sorted(tokens, token_index, counts,
                                                  routing.combine_weight[order])
         # index_put(accumulate) keeps only the index for backward (index_add keeps the source)
         return tokens.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,

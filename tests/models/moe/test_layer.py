@@ -212,3 +212,19 @@ def test_memory_saving_expert_backward_equals_autograd(act):
         grads.append([xi.grad] + [p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('act', ['ReLU', 'GELU'])
+def test_expert_backward_passes_gradcheck_with_an_idle_expert(act):
+    """Float64 gradcheck of the fused experts, one expert getting no tokens, repeated tokens."""
+    from damex.models.moe.experts import StackedExperts
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 6, 10, act_cfg=dict(type=act)).double()
+    tokens = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    token_index = torch.tensor([0, 3, 5, 1, 2, 3, 4, 6, 0])  # token 3 and 0 go to two experts
+    counts = [3, 0, 4, 2]
+    weight = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    params = list(experts.parameters())
+    assert torch.autograd.gradcheck(
+        lambda t, w, *_: experts.forward_sorted(t, token_index, counts, w),
+        (tokens, weight, *params))
