@@ -11,11 +11,13 @@ bytes autograd saves for backward (CPU; CUDA: peak allocated) of one training st
 import argparse
 import copy
 import json
+import logging
 import statistics
 import time
 
 import torch
 from mmengine.config import Config
+from mmengine.logging import MMLogger
 from mmengine.registry import init_default_scope
 
 from mmdet.registry import MODELS
@@ -90,6 +92,7 @@ def main():
     stock_cfg.bbox_head.type = 'DINOHead'
     num_experts = damex_cfg.moe.num_experts
     models = {}
+    MMLogger.get_current_instance().setLevel(logging.WARNING)  # no per-parameter init log
     for name, model_cfg in (('stock', stock_cfg), ('damex', damex_cfg)):
         torch.manual_seed(0)
         models[name] = MODELS.build(model_cfg).to(args.device)
