@@ -118,7 +118,7 @@ class _WeightedExperts(torch.autograd.Function):
             if len(h_e):
                 torch.addmm(b2[e], h_e, w2[e].t(), out=y_e)
         ctx.save_for_backward(tokens, token_index, weight, w1, w2, hidden, expert_out)
-        ctx.counts, ctx.activate, ctx.relu = counts, activate, relu
+        ctx.counts, ctx.activate = counts, activate
         return expert_out * weight[:, None]
 
     @staticmethod
@@ -140,7 +140,7 @@ class _WeightedExperts(torch.autograd.Function):
             if not len(x_e):
                 continue
             torch.mm(g_e, w2[e], out=gh_e)
-            if ctx.relu:
+            if isinstance(activate, nn.ReLU):
                 h_e = s_e
                 g_z = torch.ops.aten.threshold_backward(gh_e, h_e, 0)
             else:
