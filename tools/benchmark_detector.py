@@ -2,12 +2,15 @@
 
     python tools/benchmark_detector.py [--config configs/damex/damex-dino-e8_r50_4scale_8xb2-12e_uodb.py]
                                        [--size 512] [--batch 2] [--repeats 3] [--json out.json]
+                                       [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
 Both models are built from the same config (the stock one with ``type='DINO'``, its plain
 ``DINOHead`` and no ``moe``), fed the same synthetic batch, and timed interleaved; each
 ratio is the median of per-repeat ratios. Memory: parameters + gradients + the activation
 bytes autograd saves for backward (CPU; CUDA: peak allocated) of one training step.
+``--dtype bf16`` / ``fp16``: both models under ``torch.autocast`` (as AmpOptimWrapper).
 """
+import contextlib
 import argparse
 import copy
 import json
@@ -80,8 +83,16 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
+                        help='bf16 / fp16: both models under torch.autocast')
     parser.add_argument('--json')
     args = parser.parse_args()
+    dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
+
+    def precision():
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=args.device, dtype=dtype)
     init_default_scope('mmdet')
     cfg = Config.fromfile(args.config)
     damex_cfg = copy.deepcopy(cfg.model)
@@ -103,7 +114,8 @@ def main():
     samples = [s.to(args.device) for s in samples]
 
     def train_step(model):
-        losses = model.loss(inputs, copy.deepcopy(samples))
+        with precision():
+            losses = model.loss(inputs, copy.deepcopy(samples))
         return sum(v for k, v in losses.items() if 'loss' in k)
 
     def timed(fn):
@@ -122,7 +134,7 @@ def main():
 
     def infer(model):
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision():
             model.predict(inputs, copy.deepcopy(samples))
 
     for model in models.values():  # warm up
@@ -138,7 +150,7 @@ def main():
         model.train()
         memory[name] = training_memory(model, lambda: train_step(model), args.device)
     rows = {}
-    print(f'{args.config}: {args.size}x{args.size}, batch {args.batch}, {args.device}, '
+    print(f'{args.config}: {args.size}x{args.size}, batch {args.batch}, {args.device}, {args.dtype}, '
           f'median of {args.repeats} interleaved repeats')
     print(f'{"":<14}{"stock DINO":>12}{"DAMEX-DINO":>12}{"ratio":>8}')
     for kind in ('train', 'infer'):

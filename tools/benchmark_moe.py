@@ -1,8 +1,8 @@
 """Benchmark the MoE FFN layer against a dense FFN and a GShard-style one-hot einsum MoE.
 
     python tools/benchmark_moe.py [--tokens 8192 22000] [--experts 4 8] [--top-k 1 2]
-                                  [--routers ...] [--repeats 5] [--device cpu] [--dtype fp32]
-                                  [--json results.json]
+                                  [--routers ...] [--repeats 5] [--device cpu|cuda]
+                                  [--dtype fp32|bf16|fp16] [--json results.json]
 
 Forward + backward, side by side and interleaved in one run; every ratio is the median of
 per-repeat ratios (paired runs cancel machine drift). Columns:
@@ -14,6 +14,8 @@ per-repeat ratios (paired runs cancel machine drift). Columns:
   router).
 - ``mem``: MoEFFN's activation memory over the dense FFN's: on CPU the bytes autograd saves
   for backward (what dominates the peak of a forward+backward); on CUDA the peak allocated.
+``--dtype bf16`` / ``fp16`` run both layers (float32 parameters) under ``torch.autocast``,
+as mmengine's ``AmpOptimWrapper`` does.
 Needs only torch, mmengine and mmcv's FFN (mmcv-lite is enough).
 """
 import argparse
@@ -36,11 +38,11 @@ TOKEN_CHOICE = ROUTERS[:3]
 def einsum_moe(layer: MoEFFN, x: torch.Tensor, targets) -> torch.Tensor:
     """GShard-style MoE: the same routing, dispatched with one-hot (T, E, C) tensors."""
     tokens = x.reshape(-1, x.shape[-1])
-    routing = layer.router(x, targets, layer.capacity_factor)
+    routing = layer.route(x, targets)  # the layer's own groups and per-group capacities
     num_tokens, num_experts = routing.logits.shape
-    capacity = math.ceil(num_tokens * layer.capacity_factor / num_experts)
     order = torch.argsort(routing.expert_index, stable=True)
     counts = torch.bincount(routing.expert_index, minlength=num_experts)
+    capacity = int(counts.max())  # buffer slots per expert: the groups' capacities added up
     starts = torch.cumsum(counts, 0) - counts
     position = torch.empty_like(order)
     position[order] = torch.arange(len(order)) - starts[routing.expert_index[order]]
@@ -98,28 +100,39 @@ def memory(fn, module, device) -> float:
     return ActivationMemory(module).measure(fn)
 
 
+def under_autocast(fn, device, dtype):
+    if dtype == torch.float32:
+        return fn
+
+    def run():
+        with torch.autocast(device_type=device, dtype=dtype):
+            return fn()
+    return run
+
+
 def bench(router, tokens, experts, top_k, args, dtype):
     device = args.device
     torch.manual_seed(0)
-    dense = FFN(embed_dims=args.dims, feedforward_channels=args.hidden).to(device, dtype)
+    dense = FFN(embed_dims=args.dims, feedforward_channels=args.hidden).to(device)
     router_cfg = dict(type=router)
     if router in TOKEN_CHOICE and router != 'DatasetAwareRouter':
         router_cfg['top_k'] = top_k
     moe = MoEFFN(embed_dims=args.dims, feedforward_channels=args.hidden, num_experts=experts,
-                 router=router_cfg).to(device, dtype)
+                 router=router_cfg).to(device)
     upcycle_from_ffn(moe, dense)
     batch = args.batch
-    x = torch.randn(batch, tokens // batch, args.dims, device=device, dtype=dtype)
+    x = torch.randn(batch, tokens // batch, args.dims, device=device)
     x.requires_grad_(True)
     targets = torch.arange(batch, device=device) % experts
     runs = dict(dense=lambda: dense(x), moe=lambda: moe(x, routing_targets=targets))
     if args.einsum and router == 'SoftmaxTokenChoiceRouter':
         capped = MoEFFN(embed_dims=args.dims, feedforward_channels=args.hidden,
                         num_experts=experts, router=router_cfg,
-                        capacity_factor=1.25).to(device, dtype)
+                        capacity_factor=1.25).to(device)
         capped.load_state_dict(moe.state_dict())
         runs['moe_cf'] = lambda: capped(x, routing_targets=targets)
         runs['einsum'] = lambda: einsum_moe(capped, x, targets)
+    runs = {name: under_autocast(fn, device, dtype) for name, fn in runs.items()}
     for fn in runs.values():  # warm up
         run_step(fn, device)
     times = {name: [] for name in runs}
@@ -149,11 +162,12 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--dtype', choices=('fp32', 'bf16'), default='fp32')
+    parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
+                        help='bf16 / fp16: both layers under torch.autocast')
     parser.add_argument('--no-einsum', dest='einsum', action='store_false')
     parser.add_argument('--json', help='also write the rows (ratios included) to this file')
     args = parser.parse_args()
-    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[args.dtype]
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     rows = []
     print(f'device {args.device}, {args.dtype}, D={args.dims}, H={args.hidden}, '
           f'median of {args.repeats} interleaved fwd+bwd')

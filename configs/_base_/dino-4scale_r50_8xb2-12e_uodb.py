@@ -20,6 +20,21 @@ KITCHEN_CLASSES = ('advil_liqui_gels', 'aunt_jemima_original_syrup', 'bumblebee_
                    'mahatma_rice', 'nature_valley_granola_thins_dark_chocolate',
                    'nutrigrain_harvest_blueberry_bliss', 'pringles_bbq', 'red_bull')
 
+# mmdet's COCO class names (a COCO dataset in a mixture must name its classes)
+COCO_CLASSES = ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train',
+                'truck', 'boat', 'traffic light', 'fire hydrant', 'stop sign',
+                'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
+                'elephant', 'bear', 'zebra', 'giraffe', 'backpack', 'umbrella', 'handbag',
+                'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
+                'baseball bat', 'baseball glove', 'skateboard', 'surfboard',
+                'tennis racket', 'bottle', 'wine glass', 'cup', 'fork', 'knife', 'spoon',
+                'bowl', 'banana', 'apple', 'sandwich', 'orange', 'broccoli', 'carrot',
+                'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch', 'potted plant',
+                'bed', 'dining table', 'toilet', 'tv', 'laptop', 'mouse', 'remote',
+                'keyboard', 'cell phone', 'microwave', 'oven', 'toaster', 'sink',
+                'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
+                'hair drier', 'toothbrush')
+
 # name, classes, expert (h(d)), format
 UODB = [
     ('kitti', ('car', 'pedestrian', 'cyclist'), 5, 'xml'),
@@ -27,7 +42,7 @@ UODB = [
     ('voc', VOC_CLASSES, 1, 'xml'),
     ('lisa', ('speedlimit', 'stop', 'warning', 'noturn'), 5, 'xml'),
     ('dota', None, 3, 'dota'),  # DOTA v1.0's 15 classes
-    ('coco', None, 1, 'coco'),  # COCO's 80 classes
+    ('coco', COCO_CLASSES, 1, 'coco'),
     ('watercolor', ARTISTIC_CLASSES, 6, 'xml'),
     ('clipart', VOC_CLASSES, 0, 'xml'),
     ('comic', ARTISTIC_CLASSES, 1, 'xml'),
@@ -36,28 +51,29 @@ UODB = [
 ]
 
 
-def _dataset(name, classes, fmt, split, pipeline):
+def _dataset(name, classes, fmt, split):
     root = data_root + name + '/'
     test_mode = split != 'train'
     if fmt == 'coco':
         return dict(type='CocoDataset', data_root=root, test_mode=test_mode,
                     ann_file=f'annotations/instances_{split}2017.json',
-                    data_prefix=dict(img=f'{split}2017/'), pipeline=pipeline,
+                    data_prefix=dict(img=f'{split}2017/'), metainfo=dict(classes=classes),
                     filter_cfg=dict(filter_empty_gt=False, min_size=32),
                     backend_args=backend_args)
     if fmt == 'dota':
         return dict(type='DOTADataset', data_root=root, test_mode=test_mode,
                     ann_file=f'{split}/labelTxt/', data_prefix=dict(img_path=f'{split}/images/'),
-                    pipeline=pipeline, backend_args=backend_args)
+                    backend_args=backend_args)
     return dict(type='XMLDataset', data_root=root, test_mode=test_mode,
                 ann_file=f'ImageSets/Main/{split}.txt', data_prefix=dict(sub_data_root=''),
-                metainfo=dict(classes=classes), pipeline=pipeline,
+                metainfo=dict(classes=classes),
                 filter_cfg=dict(filter_empty_gt=False), backend_args=backend_args)
 
 
 def uodb_mixture(split, pipeline):
-    return dict(type='DatasetMixture', num_experts=8, datasets=[
-        dict(name=name, expert=expert, dataset=_dataset(name, classes, fmt, split, pipeline))
+    # `pipeline` applies to every dataset; mmdet's DetInferencer reads the test one here
+    return dict(type='DatasetMixture', num_experts=8, pipeline=pipeline, datasets=[
+        dict(name=name, expert=expert, dataset=_dataset(name, classes, fmt, split))
         for name, classes, expert, fmt in UODB])
 
 

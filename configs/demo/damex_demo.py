@@ -27,15 +27,16 @@ model = dict(
         aux_loss_weights=dict(damex=0.1)),
     test_cfg=dict(max_per_img=60))
 
+# Pixels as stored (EXIF orientation ignored): annotations refer to the stored pixels.
 train_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', color_type='color_ignore_orientation'),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs'),
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile'),
+    dict(type='LoadImageFromFile', color_type='color_ignore_orientation'),
     dict(type='Resize', scale=(image_size, image_size), keep_ratio=True),
     dict(type='LoadAnnotations', with_bbox=True),
     dict(type='PackDetInputs',
@@ -45,20 +46,21 @@ test_pipeline = [
 
 def demo_mixture(split, pipeline):
     test_mode = split != 'train'
-    return dict(type='DatasetMixture', num_experts=num_experts, datasets=[
+    # `pipeline` applies to every dataset; mmdet's DetInferencer reads the test one here
+    return dict(type='DatasetMixture', num_experts=num_experts, pipeline=pipeline, datasets=[
         dict(name='trees', expert=0, dataset=dict(
             type='XMLFolderDataset', data_root=data_root + 'trees/', ann_file=split,
             data_prefix=dict(img_path=split), metainfo=dict(classes=('Tree', )),
-            test_mode=test_mode, pipeline=pipeline)),
+            test_mode=test_mode)),
         dict(name='aerial', expert=1, dataset=dict(
             type='DOTADataset', data_root=data_root + 'aerial/', ann_file=f'{split}/labelTxt',
             data_prefix=dict(img_path=f'{split}/images'),
             metainfo=dict(classes=('plane', 'storage-tank')),
-            test_mode=test_mode, pipeline=pipeline)),
+            test_mode=test_mode)),
         dict(name='signs', expert=2, dataset=dict(
             type='CocoDataset', data_root=data_root + 'signs/', ann_file=f'{split}.json',
             data_prefix=dict(img=f'{split}/'), metainfo=dict(classes=('stop', 'yield')),
-            filter_cfg=dict(filter_empty_gt=False), test_mode=test_mode, pipeline=pipeline)),
+            filter_cfg=dict(filter_empty_gt=False), test_mode=test_mode)),
     ])
 
 

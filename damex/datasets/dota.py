@@ -127,7 +127,7 @@ class DOTADataset(BaseDetDataset):
 
     def parse_file(self, path: str) -> List[dict]:
         instances = []
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8-sig') as f:  # a UTF-8 BOM is accepted
             lines = f.readlines()
         for line_no, line in enumerate(lines, 1):
             if not line.strip() or line.startswith(('imagesource:', 'gsd:')):

@@ -1,9 +1,14 @@
 """The unified label space of a dataset mixture.
 
 Built once by :class:`~damex.datasets.DatasetMixture`, stored as plain data in the
-mixture's metainfo (``metainfo['label_space']``, so it survives checkpoints and configs),
-and read back with :meth:`LabelSpace.from_metainfo` by the detector's dataset-aware
-prediction, the per-dataset metric and the routing analysis. Nobody re-derives offsets.
+mixture's metainfo (``metainfo['label_space']``, so it survives checkpoints and configs)
+and in every sample it yields, and read back with :meth:`LabelSpace.from_metainfo` by the
+detector's dataset-aware prediction, the per-dataset metric and the routing analysis.
+Nobody re-derives offsets.
+
+A trained model carries the label space of its training mixture (in its checkpoint). A
+test mixture may hold a subset of those datasets, in any order: datasets are matched by
+name and classes by name within a dataset (:meth:`LabelSpace.id_map`).
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -108,6 +113,45 @@ class LabelSpace:
         if name not in self._by_name:
             raise KeyError(f'unknown dataset {name!r}; the mixture has {list(self._by_name)}')
         return self._by_name[name]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LabelSpace) and self.to_dict() == other.to_dict()
+
+    def check_subset_of(self, trained: 'LabelSpace') -> None:
+        """Every dataset of this (test) space, and every class of it, must exist in
+        ``trained`` (matched by name); else an error naming it and listing the known ones."""
+        for entry in self.datasets:
+            if entry.name not in trained._by_name:
+                raise KeyError(
+                    f'dataset {entry.name!r} of the test mixture was not in the model\'s '
+                    f'training mixture; the model knows {list(trained.names)}')
+            known = trained.datasets[trained.index(entry.name)].classes
+            for cls_name in entry.classes:
+                if cls_name not in known:
+                    raise KeyError(
+                        f'class {cls_name!r} of dataset {entry.name!r} was not among that '
+                        f'dataset\'s classes in the model\'s training mixture; it knows '
+                        f'{list(known)}')
+
+    def id_map(self, target: 'LabelSpace', prefer: Optional[str] = None) -> List[int]:
+        """For every unified id of this space, the unified id of the same (dataset, class)
+        in ``target``, or -1 where ``target`` has no such class.
+
+        Datasets are matched by name, classes by name within a dataset. A class merged
+        across datasets may map to several target ids: dataset ``prefer``'s wins, then the
+        first dataset in this space's order.
+        """
+        table = [-1] * self.num_classes
+        order = sorted(self.datasets, key=lambda d: d.name != prefer)
+        for entry in order:
+            if entry.name not in target._by_name:
+                continue
+            other = target.datasets[target.index(entry.name)]
+            own_index = {name: i for i, name in enumerate(other.classes)}
+            for cls_name, unified in zip(entry.classes, entry.label_map):
+                if table[unified] == -1 and cls_name in own_index:
+                    table[unified] = other.label_map[own_index[cls_name]]
+        return table
 
     def to_unified(self, dataset_id: int, labels: Tensor) -> Tensor:
         """Own class ids of dataset ``dataset_id`` -> unified ids."""

@@ -1,10 +1,12 @@
 """DatasetMixture: datasets with different label spaces as one training set.
 
-Every sample is tagged with its dataset (``dataset_id``, ``dataset_name``) and its
-routing target (``expert_id``) in ``data_sample.metainfo``, and its labels are moved
-into the unified label space, for any pipeline that ends in mmdet's plain
-``PackDetInputs()``.
+Every sample is tagged with its dataset (``dataset_id``, ``dataset_name``), its routing
+target (``expert_id``) and the mixture's label space (``label_space``, plain data: the
+space its labels are in) in ``data_sample.metainfo``, and its labels are moved into the
+unified label space, for any pipeline that ends in mmdet's plain ``PackDetInputs()``.
 """
+import copy
+
 from typing import List, Optional, Sequence, Union
 
 from mmengine.dataset import BaseDataset
@@ -12,7 +14,48 @@ from mmengine.dataset import ConcatDataset as MMEngineConcatDataset
 
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
+from .coco import NamedCocoDataset
 from .label_space import LabelSpace
+
+
+LOAD_IMAGE_TYPES = ('LoadImageFromFile', 'mmdet.LoadImageFromFile')
+
+
+def stored_pixels(pipeline: Sequence) -> list:
+    """The pipeline with every image loader reading pixels as stored, EXIF orientation
+    ignored (unless a ``color_type`` is set): annotations (box coordinates, image width and
+    height) of every format refer to the stored pixels, and cv2 would rotate them."""
+    steps = []
+    for step in pipeline:
+        if isinstance(step, dict) and step.get('type') in LOAD_IMAGE_TYPES:
+            step = dict(step)
+            step.setdefault('color_type', 'color_ignore_orientation')
+        steps.append(step)
+    return steps
+
+
+def build_dataset(cfg, pipeline: Optional[list] = None, lazy_init: bool = False):
+    """Build one dataset of the mixture; ``type='CocoDataset'`` becomes NamedCocoDataset,
+    so that its categories are mapped by name, identically in loading and evaluation.
+
+    ``pipeline`` is the dataset's pipeline when its config sets none; image loaders read
+    pixels as stored (:func:`stored_pixels`); ``lazy_init`` defers reading its annotation
+    files."""
+    if isinstance(cfg, BaseDataset):
+        if type(cfg) is CocoDataset:
+            raise TypeError(f'DatasetMixture: pass the COCO dataset {cfg.ann_file!r} as a config '
+                            'dict (or as a NamedCocoDataset), so that its categories are '
+                            'mapped by name')
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if pipeline is not None:
+        cfg.setdefault('pipeline', copy.deepcopy(pipeline))
+    cfg['pipeline'] = stored_pixels(cfg.get('pipeline') or [])
+    if lazy_init:
+        cfg['lazy_init'] = True
+    if cfg.get('type') in ('CocoDataset', CocoDataset):
+        cfg['type'] = NamedCocoDataset
+    return DATASETS.build(cfg)
 
 
 def assign_experts(entries: Sequence[dict], num_experts: Optional[int]) -> List[int]:
@@ -47,7 +90,12 @@ class DatasetMixture(MMEngineConcatDataset):
             without an explicit expert past the last expert is an error.
         merge_classes: None (default) for the disjoint union of all classes, True to
             merge classes that share a name, or ``{'dataset.class': 'unified name'}``.
-        lazy_init: as mmengine's ConcatDataset.
+        pipeline: the pipeline of every dataset whose config sets none. mmdet's
+            ``DetInferencer`` and ``init_detector`` take the test pipeline from
+            ``test_dataloader.dataset.pipeline``, so the shipped configs set it here.
+        lazy_init: read no annotation file until the data is needed (the datasets are
+            built lazily too): the label space comes from the configs' class names alone,
+            so a config can be inspected, or a model run, without the data on disk.
 
     ``metainfo`` holds ``classes`` (unified), ``dataset_names`` and ``label_space``
     (each dataset's name, classes, offset, label_map and expert; read it with
@@ -55,7 +103,8 @@ class DatasetMixture(MMEngineConcatDataset):
     """
 
     def __init__(self, datasets: Sequence[dict], num_experts: Optional[int] = None,
-                 merge_classes: Union[None, bool, dict] = None, lazy_init: bool = False):
+                 merge_classes: Union[None, bool, dict] = None, pipeline: Optional[list] = None,
+                 lazy_init: bool = False):
         if not datasets:
             raise ValueError('DatasetMixture needs at least one dataset')
         names = []
@@ -67,22 +116,42 @@ class DatasetMixture(MMEngineConcatDataset):
                 raise ValueError(f'DatasetMixture: duplicate dataset name {entry["name"]!r}')
             names.append(entry['name'])
         experts = assign_experts(datasets, num_experts)
-        built = [e['dataset'] if isinstance(e['dataset'], BaseDataset) else
-                 DATASETS.build(e['dataset']) for e in datasets]
+        self.pipeline_cfg = pipeline
+        built = []
+        for name, entry in zip(names, datasets):
+            try:
+                built.append(build_dataset(entry['dataset'], pipeline, lazy_init))
+            except ValueError as error:  # name the dataset too (the file is in the message)
+                raise type(error)(f'DatasetMixture: dataset {name!r}: {error}') from error
+        for name, dataset in zip(names, built):
+            if getattr(dataset, '_fully_initialized', True) and len(dataset) == 0:
+                raise ValueError(
+                    f'DatasetMixture: dataset {name!r} has no image left (e.g. '
+                    'filter_cfg=dict(filter_empty_gt=True) drops every image without boxes); '
+                    'check its annotation file, or set filter_empty_gt=False')
         self.label_space = LabelSpace.build(
             [(name, ds.metainfo['classes'], expert)
              for name, ds, expert in zip(names, built, experts)], merge_classes,
             ann_files=[ds.ann_file if isinstance(ds, CocoDataset) else None for ds in built])
         all_keys = sorted(set().union(*(ds.metainfo.keys() for ds in built)))
         super().__init__(built, lazy_init=lazy_init, ignore_keys=all_keys)
+        self._label_space_dict = self.label_space.to_dict()
         self._metainfo = dict(classes=self.label_space.classes, dataset_names=tuple(names),
-                              label_space=self.label_space.to_dict())
+                              label_space=self._label_space_dict)
 
     def __getitem__(self, idx: int) -> dict:
         self.full_init()
         dataset_id, sample_idx = self._get_ori_dataset_idx(idx)
         dataset = self.datasets[dataset_id]
-        data = dataset[sample_idx]
+        try:
+            data = dataset[sample_idx]
+        except Exception as error:
+            name = self.label_space.datasets[dataset_id].name
+            path = dataset.get_data_info(sample_idx).get('img_path')
+            raise RuntimeError(f'DatasetMixture: dataset {name!r}, image {path}: loading failed '
+                               f'({type(error).__name__}: {error}); '
+                               'tools/misc/print_mixture.py --check-images lists unreadable '
+                               'images') from error
         # In test mode the raw annotations (original coordinates, own labels) travel with
         # the sample, so the per-dataset metric can build ground truth for any format.
         instances = dataset.get_data_info(sample_idx)['instances'] if dataset.test_mode else None
@@ -97,7 +166,8 @@ class DatasetMixture(MMEngineConcatDataset):
                             'PackDetInputs (its output has no "data_samples")')
         entry = self.label_space.datasets[dataset_id]
         sample.set_metainfo(dict(dataset_id=dataset_id, dataset_name=entry.name,
-                                 expert_id=entry.expert, label_map=list(entry.label_map)))
+                                 expert_id=entry.expert, label_map=list(entry.label_map),
+                                 label_space=self._label_space_dict))
         if instances is not None:
             sample.set_metainfo(dict(instances=instances))
         for field in ('gt_instances', 'ignored_instances'):

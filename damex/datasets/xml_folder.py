@@ -88,10 +88,21 @@ class XMLFolderDataset(BaseDetDataset):
             if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
                 self.report.skip('empty boxes', where)
                 continue
-            difficult = int(obj.findtext('difficult') or 0)
+            difficult = parse_flag(obj.findtext('difficult'), f'{where}: <difficult>')
             ignore = bool(difficult) and self.difficult_as_ignore
             if ignore:
                 self.report.ignore('difficult objects')
             instances.append(dict(bbox=bbox, bbox_label=self.cat2label[cls_name],
                                   ignore_flag=int(ignore)))
         return instances
+
+
+def parse_flag(text, where: str) -> int:
+    """A VOC flag: an integer, or true / false (as some tools write it); else an error."""
+    text = (text or '0').strip()
+    if text.lower() in ('true', 'false'):
+        return int(text.lower() == 'true')
+    try:
+        return int(text)
+    except ValueError:
+        raise AnnotationError(f'{where} must be an integer or true/false, got {text!r}') from None

@@ -1,4 +1,4 @@
 """Runner hooks."""
-from .hooks import ExpertMapCheckHook, RandomStateHook
+from .hooks import ExpertMapCheckHook, ForcedRoutingHook, RandomStateHook
 
-__all__ = ['ExpertMapCheckHook', 'RandomStateHook']
+__all__ = ['ExpertMapCheckHook', 'ForcedRoutingHook', 'RandomStateHook']

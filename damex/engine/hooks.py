@@ -8,6 +8,8 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
+from ..datasets.label_space import LabelSpace
+from ..models.dense_heads.dataset_aware_dino_head import check_num_classes
 
 
 def get_random_state() -> dict:
@@ -80,25 +82,98 @@ class RandomStateHook(Hook):
             set_random_state(state)
 
 
+def check_mixture(space: Optional[LabelSpace], num_classes: Optional[int],
+                  num_experts: Optional[int], trained: Optional[LabelSpace] = None,
+                  training: bool = True) -> None:
+    """The checks ExpertMapCheckHook and ``tools/misc/print_mixture.py`` share.
+
+    Training: ``num_classes`` (the head's) must equal the mixture's unified label space and
+    every dataset's expert must exist among ``num_experts``. Testing: the mixture's
+    datasets and classes must be known to the ``trained`` label space, if the model has
+    one (else num_classes is checked as in training).
+    """
+    if space is None:
+        return
+    if trained is not None and not training:
+        space.check_subset_of(trained)
+    elif num_classes is not None:
+        check_num_classes(num_classes, space, 'the mixture')
+    if num_experts is None or not training:
+        return
+    for entry in space.datasets:
+        if not 0 <= entry.expert < num_experts:
+            raise ValueError(
+                f'dataset {entry.name!r} is mapped to expert {entry.expert}, but the model '
+                f'has {num_experts} experts (model.moe.num_experts); fix the mixture\'s '
+                f'`expert` entries or the number of experts')
+
+
+def _mixture_label_space(dataloader) -> Optional[LabelSpace]:
+    dataset = getattr(dataloader, 'dataset', None)
+    metainfo = getattr(dataset, 'metainfo', None) or {}
+    return LabelSpace.from_dict(metainfo['label_space']) if 'label_space' in metainfo else None
+
+
 @HOOKS.register_module()
 class ExpertMapCheckHook(Hook):
-    """Fail before training when the mixture's expert map does not fit the model.
+    """Fail before the first iteration when the mixture does not fit the model.
 
-    Every dataset's expert must exist in the model's MoE layers; the error names the
-    dataset and the expert.
+    Before training: every dataset's expert must exist in the model's MoE layers, and
+    ``model.bbox_head.num_classes`` must equal the unified label space's size. Before
+    validation and testing: the mixture's datasets and classes must be known to the
+    model's trained label space (or, for a model without one, num_classes must match).
+    Errors name the dataset, expert or the two numbers.
     """
 
     priority = 'VERY_HIGH'
 
-    def before_train(self, runner) -> None:
+    @staticmethod
+    def _check(runner, dataloader, training: bool) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        num_experts = getattr(model, 'num_experts', None)
-        space = getattr(runner.train_dataloader.dataset, 'label_space', None)
-        if num_experts is None or space is None:
-            return
-        for entry in space.datasets:
-            if not 0 <= entry.expert < num_experts:
-                raise ValueError(
-                    f'dataset {entry.name!r} is mapped to expert {entry.expert}, but the model '
-                    f'has {num_experts} experts (model.moe.num_experts); fix the mixture\'s '
-                    f'`expert` entries or the number of experts')
+        head = getattr(model, 'bbox_head', None)
+        check_mixture(_mixture_label_space(dataloader), getattr(head, 'num_classes', None),
+                      getattr(model, 'num_experts', None), getattr(head, 'label_space', None),
+                      training)
+
+    def before_train(self, runner) -> None:
+        self._check(runner, runner.train_dataloader, True)
+
+    def before_val(self, runner) -> None:
+        self._check(runner, runner.val_dataloader, False)
+
+    def before_test(self, runner) -> None:
+        self._check(runner, runner.test_dataloader, False)
+
+
+@HOOKS.register_module()
+class ForcedRoutingHook(Hook):
+    """Staged routing: for the first ``iters`` training iterations (0-based index < iters)
+    every token goes to its dataset's expert whatever the router says, while the router
+    keeps learning from its DAMEX loss; from iteration ``iters`` on the router decides.
+
+    It reads the runner's iteration before every step, so a resumed run continues in the
+    right stage. Needs a router trained with targets (``DatasetAwareRouter``) or any
+    router when the mixture tags samples with ``expert_id``.
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, iters: int):
+        if iters < 0:
+            raise ValueError(f'ForcedRoutingHook: iters must be >= 0, got {iters}')
+        self.iters = iters
+
+    @staticmethod
+    def _layers(runner):
+        from ..models.moe import MoEFFN
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        return [m for m in model.modules() if isinstance(m, MoEFFN)]
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        forced = runner.iter < self.iters
+        for layer in self._layers(runner):
+            layer.force_targets = forced
+
+    def after_train(self, runner) -> None:
+        for layer in self._layers(runner):
+            layer.force_targets = False

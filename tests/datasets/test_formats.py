@@ -150,3 +150,40 @@ def test_unreadable_xml_and_unknown_voc_class_name_the_file(tmp_path, sample_dat
         XMLFolderDataset(ann_file=str(tmp_path), metainfo=dict(classes=('Bush', )), pipeline=[])
     with pytest.raises(ValueError, match='needs its class names'):
         XMLFolderDataset(ann_file=str(tmp_path), pipeline=[])
+
+
+# --- issue #13: inputs that used to fail without naming the file, or fail wrongly ---
+
+def write_voc(folder, stem, difficult):
+    ET.ElementTree(ET.fromstring(
+        f'<annotation><filename>{stem}.png</filename><size><width>64</width><height>48'
+        f'</height></size><object><name>Tree</name><difficult>{difficult}</difficult><bndbox>'
+        '<xmin>5</xmin><ymin>6</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>'
+        '</annotation>')).write(str(folder / f'{stem}.xml'))
+    from PIL import Image
+    Image.new('RGB', (64, 48)).save(folder / f'{stem}.png')
+
+
+def test_voc_difficult_true_false_and_bad_values(tmp_path):
+    for stem, flag in (('a', 'true'), ('b', 'False'), ('c', '1')):
+        write_voc(tmp_path, stem, flag)
+    dataset = XMLFolderDataset(ann_file=str(tmp_path), metainfo=dict(classes=('Tree', )),
+                               pipeline=[])
+    flags = {osp.basename(dataset.get_data_info(i)['img_path']):
+             dataset.get_data_info(i)['instances'][0]['ignore_flag'] for i in range(3)}
+    assert flags == {'a.png': 1, 'b.png': 0, 'c.png': 1}
+    write_voc(tmp_path, 'd', 'maybe')
+    with pytest.raises(AnnotationError, match=r"d\.xml \(object 0\): <difficult> must be an "
+                                              r"integer or true/false, got 'maybe'"):
+        XMLFolderDataset(ann_file=str(tmp_path), metainfo=dict(classes=('Tree', )), pipeline=[])
+
+
+def test_dota_file_with_a_utf8_bom_loads(tmp_path):
+    from PIL import Image
+    (tmp_path / 'images').mkdir()
+    (tmp_path / 'labelTxt').mkdir()
+    Image.new('RGB', (100, 100)).save(tmp_path / 'images' / 'x.png')
+    (tmp_path / 'labelTxt' / 'x.txt').write_bytes(
+        '\ufeffimagesource:GoogleEarth\ngsd:1\n10 10 60 10 60 50 10 50 plane 0\n'.encode())
+    dataset = dota(tmp_path / 'labelTxt', tmp_path / 'images')
+    assert dataset.get_data_info(0)['instances'][0]['bbox'] == [10.0, 10.0, 60.0, 50.0]

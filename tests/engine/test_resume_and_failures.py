@@ -116,6 +116,7 @@ def test_images_without_objects_or_with_only_ignored_objects_train(demo_data, tm
     entry.dataset.ann_file = str(root / 'labelTxt')
     entry.dataset.data_prefix = dict(img_path=str(root / 'images'))
     cfg.train_dataloader.dataset.datasets = [entry]  # only the odd images: batch = both
+    cfg.model.bbox_head.num_classes = 2  # plane, storage-tank
     runner = Runner.from_cfg(cfg)
     runner.train()
     losses = train_losses(runner)

@@ -153,3 +153,57 @@ def test_tokens_per_expert_counts_dispatches_and_soft_argmax():
     assert tokens_per_expert(dict(dispatch_mask=mask)).tolist() == [[2, 1], [1, 1]]
     logits = torch.tensor([[[0.0, 1.0], [2.0, 1.0]]])
     assert tokens_per_expert(dict(logits=logits)).tolist() == [[1, 1]]
+
+
+# --- issue #11.4: only real APs are averaged; ground truth clipped like predictions ---
+
+def test_dataset_without_ground_truth_is_undefined_and_left_out_of_the_mean(caplog):
+    empty_b = gt_image(1, 5, [], [])
+    metrics = run_metric([perfect(A1, 0), perfect(A2, 0),
+                          with_predictions(empty_b, [[1, 1, 9, 9]], [0.9], [2])])
+    assert metrics['b/bbox_mAP'] == -1.0 and metrics['b/bbox_mAP_50'] == -1.0
+    assert metrics['a/bbox_mAP'] == pytest.approx(1.0)
+    assert metrics['mean/bbox_mAP'] == pytest.approx(1.0)  # not (1.0 + -1.0) / 2
+    # no image of 'b' at all: undefined as well
+    metrics = run_metric([perfect(A1, 0)])
+    assert metrics['b/bbox_mAP'] == -1.0 and metrics['mean/bbox_mAP'] == pytest.approx(1.0)
+
+
+def test_table_shows_na_for_undefined(capsys):
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_instance('test_na', log_level='INFO')
+    metric = PerDatasetCocoMetric(save_heatmaps=False)
+    metric.dataset_meta = dict(classes=SPACE.classes, label_space=SPACE.to_dict())
+    metric.process({}, [perfect(A1, 0)])
+    messages = []
+    handler_info = logger.info
+    logger.info = lambda msg, *a, **k: messages.append(msg)
+    try:
+        metric.compute_metrics(metric.results)
+    finally:
+        logger.info = handler_info
+    row_b = [line for line in messages[0].splitlines() if line.startswith('| b ')][0]
+    assert 'n/a' in row_b and '-1' not in row_b
+
+
+def test_ground_truth_past_the_border_is_clipped_like_predictions():
+    # a box that extends 40 px past the right border; the detector's box is clipped to 100
+    image = gt_image(0, 1, [[70, 10, 140, 50]], [0])
+    pred = with_predictions(image, [[70, 10, 100, 50]], [1.0], [0])
+    metrics = run_metric([pred])
+    assert metrics['a/bbox_mAP_50'] == pytest.approx(1.0)  # IoU 30/70 < 0.5 unclipped
+
+
+def test_ground_truth_wholly_outside_the_image_is_dropped_with_a_warning():
+    image = gt_image(0, 1, [[10, 10, 50, 50], [120, 10, 150, 40]], [0, 1])
+    pred = with_predictions(image, [[10, 10, 50, 50]], [1.0], [0])
+    with pytest.warns(UserWarning, match=r"dataset 'a': dropped 1 ground-truth boxes"):
+        metrics = run_metric([pred])
+    assert metrics['a/bbox_mAP'] == pytest.approx(1.0)
+
+
+def test_predictions_from_another_mixture_are_an_error():
+    other = LabelSpace.build([('b', ('car', ), 0), ('a', ('cat', 'dog'), 1)])
+    sample = dict(perfect(A1, 0), label_space=other.to_dict())
+    with pytest.raises(ValueError, match='tagged by another mixture'):
+        run_metric([sample])

@@ -1,4 +1,5 @@
 """DAMEX-DINO: mmdet's DINO whose chosen transformer FFNs are Mixture-of-Experts layers."""
+import contextlib
 import copy
 from typing import Dict, List, Optional
 
@@ -8,7 +9,8 @@ from torch import Tensor, nn
 from mmdet.models.detectors import DINO
 from mmdet.registry import MODELS
 from mmdet.structures import OptSampleList, SampleList
-from ...evaluation.routing_stats import tokens_per_expert
+from ...evaluation.routing_stats import routing_telemetry, tokens_per_expert
+from ..layers import DatasetScopedCdnQueryGenerator
 from ..moe import MoEFFN, routing_targets
 
 DEFAULT_MOE = dict(
@@ -18,6 +20,8 @@ DEFAULT_MOE = dict(
     decoder_layers=[0, 2, 4],  # every other decoder layer, as the paper
     capacity_factor=None,
     eval_capacity_factor=None,
+    capacity_multiple_of=1,
+    group_size='image',  # routing groups: an image's boxes never depend on its batch-mates
     # V-MoE weighs importance and load 0.005 each; DAMEX 0.1 (official code).
     aux_loss_weights=dict(damex=0.1, importance=0.005, load=0.005, switch=0.01, z=0.001),
 )
@@ -29,7 +33,8 @@ class DAMEXDINO(DINO):
 
     Args:
         moe: ``dict(num_experts, router, encoder_layers, decoder_layers, capacity_factor,
-            eval_capacity_factor, aux_loss_weights)``; missing keys take ``DEFAULT_MOE``.
+            eval_capacity_factor, capacity_multiple_of, group_size, aux_loss_weights)``
+            (see :class:`~damex.models.moe.MoEFFN`); missing keys take ``DEFAULT_MOE``.
             ``moe=None`` keeps every FFN dense (plain DINO).
 
     Routing targets: in ``loss`` (and whenever every sample has one) each image's
@@ -39,6 +44,12 @@ class DAMEXDINO(DINO):
     Losses: ``loss_<key>`` for each auxiliary loss key the routers report ('damex',
     'importance', 'load', 'switch', 'z'), the mean over the MoE layers that report it,
     times ``aux_loss_weights[key]``.
+
+    Label space: in ``loss`` the head adopts the training batch's label space (and checks
+    ``bbox_head.num_classes`` against it before anything runs); with a dataset-aware head
+    and ``loss_scope='dataset'`` the denoising label noise stays within each image's
+    dataset. In ``predict`` each image's routing target is its dataset's expert in the
+    *trained* expert map (matched by dataset name), whatever the test mixture says.
     """
 
     def __init__(self, *args, moe: Optional[dict] = None, **kwargs):
@@ -48,6 +59,9 @@ class DAMEXDINO(DINO):
             weights = {**DEFAULT_MOE['aux_loss_weights'], **(moe.get('aux_loss_weights') or {})}
             self.moe_cfg['aux_loss_weights'] = weights
         super().__init__(*args, **kwargs)
+        if getattr(self.bbox_head, 'loss_scope', 'all') == 'dataset':
+            # same state, same init: the subclass only changes how noisy labels are drawn
+            self.dn_query_generator.__class__ = DatasetScopedCdnQueryGenerator
 
     def _init_layers(self) -> None:
         super()._init_layers()
@@ -72,6 +86,8 @@ class DAMEXDINO(DINO):
             router=self.moe_cfg['router'],
             capacity_factor=self.moe_cfg['capacity_factor'],
             eval_capacity_factor=self.moe_cfg['eval_capacity_factor'],
+            capacity_multiple_of=self.moe_cfg['capacity_multiple_of'],
+            group_size=self.moe_cfg['group_size'],
             act_cfg=ffn_cfg.get('act_cfg', dict(type='ReLU', inplace=True)),
             ffn_drop=ffn_cfg.get('ffn_drop', 0.0),
             add_identity=ffn_cfg.get('add_identity', True))
@@ -111,17 +127,76 @@ class DAMEXDINO(DINO):
         with routing_targets(self, targets):
             return super().forward_transformer(img_feats, batch_data_samples)
 
+    def adopt_label_space(self, batch_data_samples: SampleList) -> None:
+        """Hand the training batch's label space to the head (checks num_classes)."""
+        adopt = getattr(self.bbox_head, 'adopt_label_space', None)
+        spaces = [s.metainfo.get('label_space') for s in batch_data_samples]
+        if adopt is None or not spaces or spaces[0] is None:
+            return
+        if any(space is not spaces[0] and space != spaces[0] for space in spaces[1:]):
+            raise ValueError('a training batch mixes samples of different label spaces')
+        adopt(spaces[0])
+
+    def use_trained_experts(self, batch_data_samples: SampleList) -> None:
+        """Set each sample's ``expert_id`` to its dataset's expert in the trained map."""
+        space = getattr(self.bbox_head, 'label_space', None)
+        if space is None:
+            return
+        for sample in batch_data_samples:
+            name = sample.metainfo.get('dataset_name')
+            if name is not None and name in space.names:
+                sample.set_metainfo(dict(expert_id=space.datasets[space.index(name)].expert))
+
+    @contextlib.contextmanager
+    def naming_the_batch(self, batch_inputs: Tensor, batch_data_samples: SampleList):
+        """Non-finite values: say which images, and whether the images themselves were."""
+        paths = [s.metainfo.get('img_path') for s in batch_data_samples]
+        if not torch.isfinite(batch_inputs).all():
+            raise FloatingPointError(f'the input images {paths} hold non-finite pixels '
+                                     '(nan/inf) after preprocessing; check those files')
+        try:
+            yield
+        except FloatingPointError as error:
+            raise FloatingPointError(f'{error} (batch images: {paths})') from error
+
     def loss(self, batch_inputs: Tensor, batch_data_samples: SampleList) -> dict:
-        losses = super().loss(batch_inputs, batch_data_samples)
+        self.adopt_label_space(batch_data_samples)
+        with self.naming_the_batch(batch_inputs, batch_data_samples):
+            losses = super().loss(batch_inputs, batch_data_samples)
         losses.update(self.moe_losses())
+        losses.update(self.routing_telemetry(batch_data_samples))
         return losses
+
+    def routing_telemetry(self, batch_data_samples: SampleList) -> Dict[str, Tensor]:
+        """``routing/<layer>/<stat>`` and their mean over layers ``routing/<stat>``, from the
+        layers' last forward (see :func:`~damex.evaluation.routing_stats.routing_telemetry`).
+
+        They are logged with the losses (not summed into the loss: no 'loss' in their
+        names), so mmengine averages them over each logger interval and writes them to the
+        log line, ``scalars.json`` and any visualizer backend.
+        """
+        layers = self.moe_layers
+        if not layers:
+            return {}
+        ids = [s.metainfo.get('dataset_id') for s in batch_data_samples]
+        dataset_ids = None if any(i is None for i in ids) else torch.tensor(ids)
+        out, collected = {}, {}
+        for name, layer in layers.items():
+            for key, value in routing_telemetry(layer.last_routing, dataset_ids).items():
+                out[f'routing/{name}/{key}'] = value
+                collected.setdefault(key, []).append(value)
+        for key, values in collected.items():
+            out[f'routing/{key}'] = torch.stack(values).mean()
+        return out
 
     def predict(self, batch_inputs: Tensor, batch_data_samples: SampleList,
                 rescale: bool = True) -> SampleList:
         """DINO's predict; each sample also gets ``routing_counts`` (L, E), the tokens of
         the image that reached each expert in each MoE layer (``routing_layers`` in its
         metainfo names the layers), for the routing analysis."""
-        results = super().predict(batch_inputs, batch_data_samples, rescale)
+        self.use_trained_experts(batch_data_samples)
+        with self.naming_the_batch(batch_inputs, batch_data_samples):
+            results = super().predict(batch_inputs, batch_data_samples, rescale)
         layers = self.moe_layers
         if layers:
             counts = torch.stack([tokens_per_expert(layer.last_routing)

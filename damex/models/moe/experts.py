@@ -89,8 +89,21 @@ class StackedExperts(nn.Module):
         return f'num_experts={e}, embed_dims={d}, feedforward_channels={h}'
 
 
+def compute_dtype(tokens: Tensor) -> torch.dtype:
+    """The dtype ``nn.Linear`` would compute in here: autocast's when it is on."""
+    device_type = tokens.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tokens.dtype
+
+
 class _WeightedExperts(torch.autograd.Function):
     """y = w * fc2(act(fc1(x))), x = tokens[token_index], per expert slice; hand backward.
+
+    Mixed precision: under autocast the GEMMs run in autocast's dtype, exactly as
+    ``nn.Linear`` would (inputs and weights cast per call, parameters stay float32 and
+    get float32 gradients); the output has that dtype. Out-variant GEMMs are not
+    autocast-eligible, so the casts are explicit.
 
     Time and memory as a dense FFN's. Kept for backward: the token index (the tokens
     themselves are kept by the router's gate anyway), one (A, H) activation (ReLU's output,
@@ -104,6 +117,11 @@ class _WeightedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, token_index, weight, w1, b1, w2, b2, counts, activate):
         relu = isinstance(activate, nn.ReLU)
+        dtype = compute_dtype(tokens)
+        ctx.tokens_dtype = tokens.dtype
+        if dtype != tokens.dtype or dtype != w1.dtype:  # autocast: cast per call, as nn.Linear
+            tokens, weight = tokens.to(dtype), weight.to(dtype)
+            w1, b1, w2, b2 = w1.to(dtype), b1.to(dtype), w2.to(dtype), b2.to(dtype)
         x = tokens.index_select(0, token_index)
         hidden = x.new_empty(x.shape[0], w1.shape[1])
         expert_out = x.new_empty(x.shape[0], w2.shape[1])
@@ -125,7 +143,7 @@ class _WeightedExperts(torch.autograd.Function):
     def backward(ctx, grad_out):
         tokens, token_index, weight, w1, w2, saved, expert_out = ctx.saved_tensors
         counts, activate = ctx.counts, ctx.activate
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(expert_out.dtype).contiguous()
         x = tokens.index_select(0, token_index)
         grad_weight = (grad_out * expert_out).sum(-1)
         scaled = grad_out * weight[:, None]  # gradient at fc2's output
@@ -155,4 +173,6 @@ class _WeightedExperts(torch.autograd.Function):
             torch.sum(g_z, 0, out=grad_b1[e])
             torch.mm(g_z, w1[e], out=gx_e)
         grad_tokens = torch.zeros_like(tokens).index_add_(0, token_index, grad_x)
-        return (grad_tokens, None, grad_weight, grad_w1, grad_b1, grad_w2, grad_b2, None, None)
+        # under autocast these are in the compute dtype; autograd casts them to the inputs'
+        return (grad_tokens.to(ctx.tokens_dtype), None, grad_weight, grad_w1, grad_b1, grad_w2,
+                grad_b2, None, None)

@@ -13,10 +13,9 @@ from mmengine.model import BaseModule
 from mmdet.registry import MODELS
 from . import routers as _routers
 from .experts import StackedExperts
-from .routing import SoftRouting, SparseRouting
-
-#: keys of ``last_routing`` that hold one row per token and are reshaped to (B, N, ...).
-_PER_TOKEN_KEYS = ('expert_index', 'gates', 'plan')
+from .routers.base import BaseRouter
+from .routing import (PER_TOKEN_INFO, GroupSize, SoftRouting, SparseRouting, check_group_size,
+                      group_slices, merge_group_routings)
 
 
 @MODELS.register_module()
@@ -30,9 +29,17 @@ class MoEFFN(BaseModule):
         router: router config, e.g. ``dict(type='DatasetAwareRouter')``; ``embed_dims``
             and ``num_experts`` are filled in.
         capacity_factor: None (default) drops no token; a number caps every expert at
-            ceil(T * factor / E) tokens of the forward's T tokens, and tokens over capacity
-            skip the experts (residual only).
+            ceil(T * K * factor / E) assignments of a routing group of T tokens (expert
+            choice: ceil(T * factor / E)), and tokens over capacity skip the experts
+            (residual only).
         eval_capacity_factor: the factor in eval mode; defaults to ``capacity_factor``.
+        capacity_multiple_of: round capacities up to a multiple of this (the reference
+            uses 4 for hardware-friendly shapes; default 1).
+        group_size: the routing groups: ``'image'`` (default: each image's N tokens, so
+            an image's output never depends on its batch-mates, whatever the router or
+            capacity), ``'batch'`` (all B*N tokens of the forward in one group), or an
+            int (consecutive groups of that many tokens, as the reference). Routers and
+            capacities work per group; auxiliary losses are averaged over groups.
         num_fcs, act_cfg, ffn_drop, dropout_layer, add_identity, init_cfg: as mmcv's FFN
             (only ``num_fcs=2``).
 
@@ -50,7 +57,9 @@ class MoEFFN(BaseModule):
     def __init__(self, embed_dims: int = 256, feedforward_channels: int = 1024,
                  num_experts: int = 8, router: dict = dict(type='SoftmaxTokenChoiceRouter'),
                  capacity_factor: Optional[float] = None,
-                 eval_capacity_factor: Optional[float] = None, num_fcs: int = 2,
+                 eval_capacity_factor: Optional[float] = None,
+                 capacity_multiple_of: int = 1, group_size: GroupSize = 'image',
+                 num_fcs: int = 2,
                  act_cfg: dict = dict(type='ReLU', inplace=True), ffn_drop: float = 0.0,
                  dropout_layer: Optional[dict] = None, add_identity: bool = True,
                  init_cfg: Optional[dict] = None):
@@ -69,7 +78,9 @@ class MoEFFN(BaseModule):
         self.capacity_factor = capacity_factor
         self.eval_capacity_factor = (capacity_factor if eval_capacity_factor is None
                                      else eval_capacity_factor)
-        self.router = build_router(router, embed_dims, num_experts)
+        self.capacity_multiple_of = capacity_multiple_of
+        self.group_size = check_group_size(group_size)
+        self.router = build_router(router, embed_dims, num_experts, capacity_multiple_of)
         self.experts = StackedExperts(num_experts, embed_dims, feedforward_channels,
                                       act_cfg, ffn_drop)
         self.dropout_layer = build_dropout(dropout_layer) if dropout_layer else nn.Identity()
@@ -77,6 +88,9 @@ class MoEFFN(BaseModule):
         self.aux_losses: Dict[str, Tensor] = {}
         self.last_routing: Dict[str, Optional[Tensor]] = {}
         self.context_targets: Optional[Tensor] = None
+        #: staged routing (``ForcedRoutingHook``): in training, with targets, every token
+        #: goes to its target expert whatever the router says; the router's losses stay.
+        self.force_targets = False
         #: how errors name the layer; the detector sets its module path.
         self.name = 'MoEFFN'
 
@@ -92,26 +106,52 @@ class MoEFFN(BaseModule):
                              f'got {tuple(x.shape)}')
         targets = routing_targets if routing_targets is not None else self.context_targets
         targets = self._check_targets(targets, x.shape[0])
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        routing = self.router(x, targets, factor)
-        if not torch.isfinite(routing.logits).all():
-            raise FloatingPointError(
-                f'{self.name}: router logits are not finite (nan/inf) in this forward; the '
-                'input tokens or the router diverged. The z-loss (router use_z_loss=True) '
-                'keeps logits small; lowering the learning rate or clipping gradients helps too')
+        batch, num_tokens = x.shape[:2]
         tokens = x.reshape(-1, self.embed_dims)
+        routing = self.route(x, targets)
+        if not torch.isfinite(routing.logits).all():  # one sync per layer and forward
+            if not torch.isfinite(x).all():
+                raise FloatingPointError(
+                    f'{self.name}: the input tokens of this layer are not finite (nan/inf): the '
+                    'input (images or the layers before), not the router, is at fault')
+            raise FloatingPointError(
+                f'{self.name}: router logits are not finite (nan/inf) in this forward while its '
+                'input tokens are finite: the router diverged. The z-loss (router '
+                'use_z_loss=True) keeps logits small; lowering the learning rate or clipping '
+                'gradients helps too')
         if isinstance(routing, SoftRouting):
             out = self._soft_forward(tokens, routing)
         else:
             out = self._sparse_forward(tokens, routing)
         out = out.view_as(x)
         self.aux_losses = routing.aux_losses
-        self.last_routing = self._routing_summary(routing, x.shape[0], x.shape[1], targets)
+        self.last_routing = self._routing_summary(routing, batch, num_tokens, targets)
         if not self.add_identity:
             return self.dropout_layer(out)
         if identity is None:
             identity = x
         return identity + self.dropout_layer(out)
+
+    def route(self, x: Tensor, targets: Optional[Tensor]):
+        """Route x (B, N, D) group by group (see ``group_size``); targets: (B,) or None.
+
+        Returns one SparseRouting (or SoftRouting) over the B*N flattened tokens.
+        """
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        batch, num_tokens = x.shape[:2]
+        tokens = x.reshape(-1, self.embed_dims)
+        slices = group_slices(batch, num_tokens, self.group_size)
+        token_targets = None if targets is None else targets.repeat_interleave(num_tokens)
+        if getattr(self.router, 'takes_groups', False):
+            return self.router(tokens, token_targets, factor, groups=slices)
+        routing = merge_group_routings(
+            [self.router(tokens[start:stop],
+                         None if token_targets is None else token_targets[start:stop],
+                         factor) for start, stop in slices],
+            [start for start, _ in slices])
+        if self.force_targets and self.training and token_targets is not None:
+            routing = forced_routing(routing, token_targets)
+        return routing
 
     def _check_targets(self, targets: Optional[Tensor], batch: int) -> Optional[Tensor]:
         if targets is None:
@@ -138,8 +178,9 @@ class MoEFFN(BaseModule):
         expert_out = self.experts.forward_sorted(tokens, token_index, counts,
                                                  routing.combine_weight[order])
         # index_put(accumulate) keeps only the index for backward (index_add keeps the source)
-        return tokens.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,
-                                                         accumulate=True)
+        # (under autocast the experts' output is in autocast's dtype, as a dense FFN's)
+        return expert_out.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,
+                                                             accumulate=True)
 
     def _soft_forward(self, tokens: Tensor, routing: SoftRouting) -> Tensor:
         """Slots = dispatch-weighted token sums per group; experts run on (E, G*P, D) slots."""
@@ -174,7 +215,7 @@ class MoEFFN(BaseModule):
             mask[routing.token_index, routing.expert_index] = True
             summary['dispatch_mask'] = per_token(mask)
         for key, value in routing.info.items():
-            summary[key] = per_token(value) if key in _PER_TOKEN_KEYS else value.detach()
+            summary[key] = per_token(value) if key in PER_TOKEN_INFO else value.detach()
         return summary
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -182,7 +223,16 @@ class MoEFFN(BaseModule):
 
         So a dense checkpoint (e.g. mmdet's DINO) loads into a model whose FFN became an
         MoE layer, every expert starting from the dense weights; the router keeps its init.
+        A checkpoint whose layer has another number of experts is an error naming the layer
+        and both counts (not a size-mismatch warning among hundreds of log lines).
         """
+        saved = state_dict.get(prefix + 'experts.fc1_weight')
+        if saved is not None and saved.shape[0] != self.num_experts:
+            layer = prefix.rstrip('.') or self.name
+            raise ValueError(
+                f'{layer}: the checkpoint has {saved.shape[0]} experts, the model '
+                f'{self.num_experts} (model.moe.num_experts); resume or load with the same '
+                'number of experts')
         dense_keys = {'fc1_weight': 'layers.0.0.weight', 'fc1_bias': 'layers.0.0.bias',
                       'fc2_weight': 'layers.1.weight', 'fc2_bias': 'layers.1.bias'}
         if (prefix + 'experts.fc1_weight' not in state_dict
@@ -195,17 +245,24 @@ class MoEFFN(BaseModule):
 
     def extra_repr(self) -> str:
         return (f'embed_dims={self.embed_dims}, num_experts={self.num_experts}, '
-                f'capacity_factor={self.capacity_factor}')
+                f'capacity_factor={self.capacity_factor}, group_size={self.group_size!r}')
 
 
-def build_router(cfg: dict, embed_dims: int, num_experts: int) -> nn.Module:
+def build_router(cfg: dict, embed_dims: int, num_experts: int,
+                 capacity_multiple_of: int = 1) -> nn.Module:
     """Build a router from its config, with a clear error for an unknown type."""
     cfg = dict(cfg)
     router_type = cfg.pop('type', None)
     cfg.setdefault('embed_dims', embed_dims)
     cfg.setdefault('num_experts', num_experts)
+
+    def build(router_cls):
+        if issubclass(router_cls, BaseRouter):  # Soft MoE has no capacity
+            cfg.setdefault('capacity_multiple_of', capacity_multiple_of)
+        return router_cls(**cfg)
+
     if isinstance(router_type, type):
-        return router_type(**cfg)
+        return build(router_type)
     # Look our own routers up directly: MODELS.get would import all of mmdet.models
     # (and mmcv.ops), which the layer does not need.
     router_cls = MODELS.module_dict.get(router_type) if isinstance(router_type, str) else None
@@ -214,7 +271,19 @@ def build_router(cfg: dict, embed_dims: int, num_experts: int) -> nn.Module:
     if router_cls is None:
         raise ValueError(f'unknown router type {router_type!r}; registered routers: '
                          f'{", ".join(n for n in _routers.__all__ if n != "BaseRouter")}')
-    return router_cls(**cfg)
+    return build(router_cls)
+
+
+def forced_routing(routing: SparseRouting, token_targets: Tensor) -> SparseRouting:
+    """Every token to its target expert, combine weight = the router's softmax probability of
+    that expert (so the router keeps a gradient); logits and auxiliary losses unchanged."""
+    gates = routing.logits.float().softmax(-1)
+    weight = gates.gather(1, token_targets[:, None])
+    return SparseRouting(
+        logits=routing.logits, token_index=torch.arange(len(token_targets),
+                                                        device=token_targets.device),
+        expert_index=token_targets, combine_weight=weight[:, 0], aux_losses=routing.aux_losses,
+        info=dict(expert_index=token_targets[:, None], gates=weight.detach()))
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ def cv_squared(values: Tensor) -> Tensor:
 def importance_loss(gates: Tensor) -> Tensor:
     """V-MoE importance loss (Riquelme et al. 2021, A.2): CV^2 of sum_t gates[t, e].
 
-    gates: (T, E) softmax router probabilities (after noise in training, as V-MoE).
+    gates: (T, E) softmax of the clean router logits (before noise), in training and in
+    eval, as V-MoE ("importance loss is applied before adding noise").
     """
     return cv_squared(gates.sum(dim=0))
 
@@ -34,7 +35,9 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int
     """
     threshold = noisy_logits.topk(top_k, dim=-1).values[:, -1:]
     noise_required_to_win = threshold - logits
-    normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_tensor(noise_std))
+    # no argument validation: non-finite logits reach the layer's check, which names the layer
+    normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_tensor(noise_std),
+                                        validate_args=False)
     prob = 1.0 - normal.cdf(noise_required_to_win)
     return cv_squared(prob.mean(dim=0))
 

@@ -13,20 +13,23 @@ from torch import Tensor
 def sinkhorn_plan(scores: Tensor, num_iters: int = 20, epsilon: float = 1.0) -> Tensor:
     """Entropic OT plan for cost -scores (log-domain Sinkhorn, fixed iterations).
 
-    Each iteration matches the row marginals (1 per token) then the column marginals
-    (T/E per expert), so the columns are exact and the rows converge.
-    scores: (T, E). Returns the plan (T, E).
+    Each iteration matches the column marginals (T/E per expert) first and the row
+    marginals (1 per token) last, as the reference (OTT's Sinkhorn, which
+    google-research/vmoe calls): after any number of iterations every row sums exactly
+    to 1 and the columns converge to T/E. In scaling form, with K = exp(scores / eps),
+    u = 1, v = 1 at the start: v = (T/E) / (K^T u), then u = 1 / (K v).
+    scores: (T, E). Returns the plan diag(u) K diag(v), (T, E).
     """
+    if num_iters < 1:
+        raise ValueError(f'num_iters must be >= 1, got {num_iters}')
     num_tokens, num_experts = scores.shape
-    kernel = scores.float() / epsilon
-    log_row = torch.zeros(num_tokens, device=scores.device)
-    log_col = torch.full((num_experts,), float(num_tokens) / num_experts,
-                         device=scores.device).log()
-    u = torch.zeros(num_tokens, device=scores.device)
-    v = torch.zeros(num_experts, device=scores.device)
+    kernel = scores.to(torch.promote_types(scores.dtype, torch.float32)) / epsilon
+    log_row = kernel.new_zeros(num_tokens)
+    log_col = kernel.new_full((num_experts,), float(num_tokens) / num_experts).log()
+    u = kernel.new_zeros(num_tokens)
     for _ in range(num_iters):
-        u = log_row - torch.logsumexp(kernel + v, dim=1)
         v = log_col - torch.logsumexp(kernel + u[:, None], dim=0)
+        u = log_row - torch.logsumexp(kernel + v, dim=1)
     return torch.exp(kernel + u[:, None] + v)
 
 
@@ -37,7 +40,9 @@ def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
     (Kyrillidis et al. 2013). values: (R, M). Returns (R, M) rows with <= k non-zeros.
     """
     k = min(k, values.shape[-1])
-    top, index = values.topk(k, dim=-1)  # sorted, descending
+    # sorted, descending; among equal values the lower index is kept first (the reference's order)
+    index = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    top = values.gather(-1, index)
     cumsum = top.cumsum(dim=-1) - 1.0
     rank = torch.arange(1, k + 1, device=values.device, dtype=values.dtype)
     support = (top - cumsum / rank) > 0

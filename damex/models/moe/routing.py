@@ -10,7 +10,7 @@ sparse routers share one dispatch/combine path. Soft MoE returns a :class:`SoftR
 """
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +58,32 @@ class SoftRouting:
     info: Dict[str, Tensor] = field(default_factory=dict)
 
 
-def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
-    """C = ceil(T * capacity_factor / E), at least 1 (as in GShard / V-MoE)."""
+def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
+                     top_k: int = 1, multiple_of: int = 1) -> int:
+    """Slots per expert for one routing group, as the reference (google-research/vmoe).
+
+    Token choice: C = ceil(T * K * capacity_factor / E) (K choices per token need K times
+    the slots); expert choice passes ``top_k=1``: C = ceil(T * capacity_factor / E).
+    C is rounded up to a multiple of ``multiple_of`` (the reference uses 4, for
+    hardware-friendly shapes) and is at least 1.
+    """
     if capacity_factor <= 0:
         raise ValueError(f'capacity_factor must be positive, got {capacity_factor}')
-    return max(1, math.ceil(num_tokens * capacity_factor / num_experts))
+    if multiple_of < 1:
+        raise ValueError(f'capacity_multiple_of must be >= 1, got {multiple_of}')
+    capacity = max(1, math.ceil(num_tokens * top_k * capacity_factor / num_experts))
+    return math.ceil(capacity / multiple_of) * multiple_of
+
+
+def stable_topk(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of each row (last dim), ties to the lower index.
+
+    ``torch.topk`` gives no order among equal scores; the reference (``jax.lax.top_k``)
+    takes the lower index first. A stable descending sort does exactly that.
+    """
+    if k == 1:
+        return scores.argmax(dim=-1, keepdim=True)  # documented: the first maximal index
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
 def top_k_assignment(scores: Tensor, top_k: int, capacity: Optional[int],
@@ -74,7 +95,7 @@ def top_k_assignment(scores: Tensor, top_k: int, capacity: Optional[int],
     prioritized routing, Riquelme et al. 2021). A choice that finds its expert full is
     dropped. scores: (T, E). Returns expert_index (T, K) and kept (T, K) bool.
     """
-    expert_index = scores.topk(top_k, dim=-1).indices
+    expert_index = stable_topk(scores, top_k)
     kept = torch.ones_like(expert_index, dtype=torch.bool)
     if capacity is None:
         return expert_index, kept
@@ -116,7 +137,7 @@ def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity
     """
     num_tokens, num_experts = selection_scores.shape
     capacity = min(capacity, num_tokens)
-    token_index = selection_scores.t().topk(capacity, dim=-1).indices  # (E, C)
+    token_index = stable_topk(selection_scores.t(), capacity)  # (E, C)
     expert_index = torch.arange(num_experts, device=logits.device)[:, None].expand_as(token_index)
     weight = combine.t().gather(1, token_index)  # (E, C)
     return SparseRouting(
@@ -125,3 +146,76 @@ def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity
         expert_index=expert_index.reshape(-1),
         combine_weight=weight.reshape(-1),
         info=dict(expert_tokens=token_index, expert_gates=weight.detach()))
+
+
+GroupSize = Union[str, int]
+
+
+def group_slices(batch: int, tokens_per_image: int,
+                 group_size: GroupSize) -> List[Tuple[int, int]]:
+    """Routing groups as (start, stop) ranges of the B*N flattened tokens.
+
+    ``'image'``: each image's N tokens (an image's routing never depends on its
+    batch-mates); ``'batch'``: all tokens in one group; an int M: consecutive groups of M
+    tokens of the flattened batch, the last one shorter (reference-style; M = N is
+    ``'image'``). Capacity is computed per group and routers never look across groups.
+    """
+    total = batch * tokens_per_image
+    if group_size == 'image':
+        return [(b * tokens_per_image, (b + 1) * tokens_per_image) for b in range(batch)]
+    if group_size == 'batch':
+        return [(0, total)]
+    if isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0:
+        return [(start, min(start + group_size, total)) for start in range(0, total, group_size)]
+    raise ValueError(f"group_size must be 'image', 'batch' or a positive int, got {group_size!r}")
+
+
+def check_group_size(group_size: GroupSize) -> GroupSize:
+    group_slices(1, 1, group_size)  # raises on a bad value
+    return group_size
+
+
+def padded_group_index(slices: Sequence[Tuple[int, int]], max_size: int,
+                       device=None) -> Tensor:
+    """(G, M) token ids of the groups, each slice cut into chunks of at most ``max_size``.
+
+    Chunks are padded with -1 at their end; reading the valid ids row by row gives the
+    tokens in order. Soft MoE batches its groups this way.
+    """
+    size = min(max_size, max(stop - start for start, stop in slices))
+    rows = []
+    for start, stop in slices:
+        for chunk_start in range(start, stop, size):
+            ids = torch.arange(chunk_start, min(chunk_start + size, stop), device=device)
+            rows.append(F.pad(ids, (0, size - len(ids)), value=-1))
+    return torch.stack(rows)
+
+
+#: ``SparseRouting.info`` keys holding one row per token (concatenated over groups).
+PER_TOKEN_INFO = ('expert_index', 'gates', 'plan')
+#: ``info`` keys of shape (E, C) per group, concatenated along C; token ids are offset.
+PER_SLOT_INFO = ('expert_tokens', 'expert_gates')
+
+
+def merge_group_routings(routings: Sequence[SparseRouting],
+                         starts: Sequence[int]) -> SparseRouting:
+    """One SparseRouting over all tokens from per-group routings (group g starts at starts[g]).
+
+    Auxiliary losses are averaged over groups, as the reference does.
+    """
+    if len(routings) == 1 and starts[0] == 0:
+        return routings[0]
+    info = {}
+    for key in routings[0].info:
+        values = [r.info[key] for r in routings]
+        if key == 'expert_tokens':
+            values = [v + start for v, start in zip(values, starts)]
+        info[key] = torch.cat(values, dim=1 if key in PER_SLOT_INFO else 0)
+    return SparseRouting(
+        logits=torch.cat([r.logits for r in routings]),
+        token_index=torch.cat([r.token_index + start for r, start in zip(routings, starts)]),
+        expert_index=torch.cat([r.expert_index for r in routings]),
+        combine_weight=torch.cat([r.combine_weight for r in routings]),
+        aux_losses={key: torch.stack([r.aux_losses[key] for r in routings]).mean()
+                    for key in routings[0].aux_losses},
+        info=info)

@@ -84,20 +84,20 @@ def test_sinkhorn_plan_meets_marginals():
     torch.manual_seed(0)
     logits = torch.randn(64, 4) * 3
     plan = sinkhorn_plan(logits, num_iters=20)
-    torch.testing.assert_close(plan.sum(0), torch.full((4,), 16.0), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(plan.sum(1), torch.ones(64), rtol=0, atol=1e-2)
+    torch.testing.assert_close(plan.sum(1), torch.ones(64), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plan.sum(0), torch.full((4,), 16.0), rtol=0, atol=0.2)
     assert torch.all(plan >= 0)
 
 
 def test_sinkhorn_plan_matches_plain_sinkhorn():
     torch.manual_seed(1)
     logits = torch.randn(12, 3, dtype=torch.float64)
-    # textbook (non-log) Sinkhorn-Knopp on K = exp(logits)
+    # textbook (non-log) Sinkhorn-Knopp on K = exp(logits), columns first as OTT
     kernel = logits.exp()
-    u, v = torch.ones(12, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    u = torch.ones(12, dtype=torch.float64)
     for _ in range(20):
-        u = 1.0 / (kernel @ v)
         v = 4.0 / (kernel.t() @ u)
+        u = 1.0 / (kernel @ v)
     expected = u[:, None] * kernel * v[None, :]
     torch.testing.assert_close(sinkhorn_plan(logits, 20).double(), expected, rtol=1e-4, atol=1e-5)
 

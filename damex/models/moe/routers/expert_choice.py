@@ -1,9 +1,12 @@
 """Expert-choice routers: every expert picks its top-C tokens (Zhou et al. 2022; Liu et al. 2024).
 
-A token may be taken by 0..E experts. Capacity C = ceil(T * capacity_factor / E); when
-the layer sets no capacity factor these routers use 1.0 (the compute of top-1 routing).
+A token may be taken by 0..E experts. Capacity C = ceil(T * capacity_factor / E) per
+routing group (rounded up to ``capacity_multiple_of``); when the layer sets no capacity
+factor these routers use 1.0 (the compute of top-1 routing). Among tokens with equal
+scores an expert takes the lower token index first, as the reference.
 ``last_routing`` gets ``expert_tokens`` (E, C), the flat token index (into B*N) each
-expert slot took, and ``expert_gates`` (E, C), its combine weight.
+expert slot took, and ``expert_gates`` (E, C), its combine weight (groups concatenated
+along C).
 """
 from typing import Optional
 
@@ -12,7 +15,7 @@ from torch import Tensor
 from mmdet.registry import MODELS
 from ..losses import z_loss
 from ..optimal_transport import sinkhorn_plan, sparsity_constrained_plan
-from ..routing import SparseRouting, compute_capacity, sparse_from_expert_choice
+from ..routing import SparseRouting, sparse_from_expert_choice
 from .base import BaseRouter
 
 
@@ -20,22 +23,29 @@ from .base import BaseRouter
 class SoftmaxExpertChoiceRouter(BaseRouter):
     """Each expert takes the C tokens with the highest softmax gate for it (Zhou et al. 2022).
 
-    The other expert-choice routers change only how experts rank tokens
-    (:meth:`selection_scores`); combine weights are always the softmax gates.
+    As the reference (vmoe), gates are softmax(logits + noise) in training with noise std
+    1/E (``noise_std=1.0``, divided by E) and the clean softmax in eval. The other
+    expert-choice routers change only how experts rank tokens (:meth:`selection_scores`);
+    combine weights are always the softmax gates.
     """
     default_capacity_factor = 1.0
+
+    def __init__(self, embed_dims: int, num_experts: int, noise_std: float = 1.0,
+                 use_z_loss: bool = False, capacity_multiple_of: int = 1):
+        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
+                         capacity_multiple_of=capacity_multiple_of)
 
     def selection_scores(self, logits: Tensor, gates: Tensor, capacity: int) -> Tensor:
         """(T, E) scores by which each expert ranks tokens."""
         return gates
 
-    def forward(self, x: Tensor, targets: Optional[Tensor] = None,
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None) -> SparseRouting:
-        tokens = x.reshape(-1, x.shape[-1])
+        """tokens: (T, D) of one routing group; targets are not used."""
         logits, noisy_logits, _ = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
         factor = self.default_capacity_factor if capacity_factor is None else capacity_factor
-        capacity = compute_capacity(tokens.shape[0], self.num_experts, factor)
+        capacity = self.capacity(tokens.shape[0], factor)
         scores = self.selection_scores(noisy_logits.detach().float(), gates.detach(), capacity)
         routing = sparse_from_expert_choice(logits, scores, capacity, gates)
         if self.use_z_loss:
@@ -45,11 +55,16 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
 
 @MODELS.register_module()
 class SinkhornExpertChoiceRouter(SoftmaxExpertChoiceRouter):
-    """Each expert takes its top-C tokens by the Sinkhorn plan of cost -logits (eps 1)."""
+    """Each expert takes its top-C tokens by the Sinkhorn plan of cost -logits (eps 1).
+
+    Default ``noise_std=0.0``: the plan already balances the experts, and we know of no
+    reference default for this router; set ``noise_std`` to add V-MoE-style noise.
+    """
 
     def __init__(self, embed_dims: int, num_experts: int, noise_std: float = 0.0,
-                 num_iters: int = 20, use_z_loss: bool = False):
-        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss)
+                 num_iters: int = 20, use_z_loss: bool = False, capacity_multiple_of: int = 1):
+        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
+                         capacity_multiple_of=capacity_multiple_of)
         self.num_iters = num_iters
 
     def selection_scores(self, logits, gates, capacity):
@@ -61,13 +76,20 @@ class SparsityConstrainedExpertChoiceRouter(SoftmaxExpertChoiceRouter):
     """Expert choice by k-sparse, squared-L2 regularised OT on softmax(logits) (Liu et al. 2023).
 
     The plan has at most k = C non-zeros per expert; each expert takes its top-C tokens by
-    the plan. Solved with ``num_iters`` Adam steps (lr ``lr``) on the semi-dual, as vmoe.
+    the plan (ties, e.g. a column with fewer than C non-zeros, to the lower token index).
+    Solved with ``num_iters`` Adam steps (lr ``lr``) on the semi-dual, as vmoe. As the
+    reference, this router adds no gate noise: ``noise_std`` other than 0 is an error.
     """
 
     def __init__(self, embed_dims: int, num_experts: int, noise_std: float = 0.0,
                  gamma: float = 1.0, num_iters: int = 20, lr: float = 1e-2,
-                 use_z_loss: bool = False):
-        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss)
+                 use_z_loss: bool = False, capacity_multiple_of: int = 1):
+        if noise_std != 0:
+            raise ValueError(
+                'SparsityConstrainedExpertChoiceRouter adds no gate noise (as the reference, '
+                f'vmoe); got noise_std={noise_std}: remove it from the router config')
+        super().__init__(embed_dims, num_experts, noise_std=0.0, use_z_loss=use_z_loss,
+                         capacity_multiple_of=capacity_multiple_of)
         self.gamma = gamma
         self.num_iters = num_iters
         self.lr = lr

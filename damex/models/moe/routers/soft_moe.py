@@ -3,15 +3,16 @@
 Every slot is a convex combination of tokens and every token a convex combination of
 slot outputs, so nothing is dropped and everything is differentiable.
 
-Grouping, to keep the cost bounded: the tokens of each image are cut, in order, into
-groups of at most ``group_size`` tokens (the last one padded and masked); groups never
+Grouping, to keep the cost bounded: each routing group of the MoE layer
+(``MoEFFN(group_size=...)``, by default one image) is cut, in order, into groups of at most
+``group_size`` tokens (the last one padded and masked), so with the default groups never
 mix images. Each group has its own S = E * P slots (P = ``slots_per_expert``, default
 ``ceil(group_size / E)`` so that the experts see about as many slots as there are
 tokens, the compute of top-1 routing). The cost is then O(T * S * D): linear in the
 number of tokens instead of quadratic.
 """
 import math
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from mmdet.registry import MODELS
 from ..losses import z_loss
-from ..routing import SoftRouting
+from ..routing import SoftRouting, padded_group_index
 
 
 @MODELS.register_module()
@@ -27,12 +28,15 @@ class SoftMoERouter(nn.Module):
     """Soft MoE routing with l2-normalised tokens and slot embeddings and a learned scale.
 
     Args:
-        group_size: tokens per routing group (M); groups stay within one image.
+        group_size: tokens per Soft MoE group (M); groups stay within one of the layer's
+            routing groups.
         slots_per_expert: P; default ceil(group_size / E).
     """
 
     requires_targets = False
     default_capacity_factor = None
+    #: the layer hands its routing groups to ``forward`` (Soft MoE batches them itself).
+    takes_groups = True
 
     def __init__(self, embed_dims: int, num_experts: int, group_size: int = 256,
                  slots_per_expert: Optional[int] = None, use_z_loss: bool = False):
@@ -54,28 +58,23 @@ class SoftMoERouter(nn.Module):
     def num_slots(self) -> int:
         return self.num_experts * self.slots_per_expert
 
-    def group(self, x: Tensor):
-        """Cut (B, N, D) into (G, M, D) groups within images; return groups and (G, M) token ids."""
-        batch, num_tokens, dims = x.shape
-        size = min(self.group_size, num_tokens)
-        per_image = math.ceil(num_tokens / size)
-        pad = per_image * size - num_tokens
-        token_id = torch.arange(batch * num_tokens, device=x.device).view(batch, num_tokens)
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-            token_id = F.pad(token_id, (0, pad), value=-1)
-        return x.reshape(batch * per_image, size, dims), token_id.reshape(batch * per_image, size)
-
-    def forward(self, x: Tensor, targets: Optional[Tensor] = None,
-                capacity_factor: Optional[float] = None) -> SoftRouting:
-        groups, group_index = self.group(x)
-        tokens = F.normalize(groups, dim=-1)
-        slots = F.normalize(self.slot_embeds, dim=-1) * self.scale
-        slot_logits = tokens @ slots.t()  # (G, M, S)
-        padding = (group_index < 0)[..., None]
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
+                capacity_factor: Optional[float] = None,
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SoftRouting:
+        """tokens: (T, D); groups: the layer's routing groups as (start, stop) ranges
+        (default: all T tokens in one)."""
+        slices = groups if groups is not None else [(0, tokens.shape[0])]
+        group_index = padded_group_index(slices, self.group_size, tokens.device)
+        valid = group_index >= 0
+        grouped = tokens.new_zeros(*group_index.shape, tokens.shape[-1])
+        grouped[valid] = tokens  # the slices cover all tokens in order
+        dtype = grouped.dtype if grouped.dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.autocast(tokens.device.type, enabled=False):  # routing in full precision
+            slots = F.normalize(self.slot_embeds.to(dtype), dim=-1) * self.scale.to(dtype)
+            slot_logits = F.normalize(grouped.to(dtype), dim=-1) @ slots.t()  # (G, M, S)
+        padding = (~valid)[..., None]
         dispatch = slot_logits.float().masked_fill(padding, float('-inf')).softmax(dim=1)
         combine = slot_logits.float().softmax(dim=-1)
-        valid = group_index >= 0
         per_slot = slot_logits[valid]  # (T, S): groups are in token order, padding last
         logits = per_slot.view(-1, self.num_experts, self.slots_per_expert).logsumexp(dim=-1)
         routing = SoftRouting(logits=logits, dispatch_weights=dispatch,

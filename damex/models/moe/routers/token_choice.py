@@ -6,7 +6,7 @@ from torch import Tensor
 from mmdet.registry import MODELS
 from ..losses import damex_loss, importance_loss, load_loss, switch_loss, z_loss
 from ..optimal_transport import sinkhorn_plan
-from ..routing import SparseRouting, compute_capacity, sparse_from_token_choice, top_k_assignment
+from ..routing import SparseRouting, sparse_from_token_choice, top_k_assignment
 from .base import BaseRouter
 
 
@@ -22,9 +22,10 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
         noise_std: gate noise; V-MoE uses 1.0 (std 1/E).
         batch_prioritized: under a capacity, fill buffers by descending max gate instead
             of token order (BPR, V-MoE).
-        use_importance_loss / use_load_loss: V-MoE balance losses ('importance', 'load';
-            the load loss needs noise).
-        use_switch_loss: Switch Transformer balance loss ('switch').
+        use_importance_loss / use_load_loss: V-MoE balance losses ('importance' on the
+            clean softmax, before noise, as V-MoE; 'load', which needs noise).
+        use_switch_loss: Switch Transformer balance loss ('switch', on the gates used
+            for routing).
         use_z_loss: ST-MoE router z-loss ('z').
         use_damex_loss: cross-entropy of the pre-noise logits to each token's routing
             target ('damex'); with it the router needs targets in training.
@@ -34,8 +35,9 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
                  noise_std: float = 1.0, batch_prioritized: bool = False,
                  use_importance_loss: bool = True, use_load_loss: bool = True,
                  use_switch_loss: bool = False, use_z_loss: bool = False,
-                 use_damex_loss: bool = False):
-        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss)
+                 use_damex_loss: bool = False, capacity_multiple_of: int = 1):
+        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
+                         capacity_multiple_of=capacity_multiple_of)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f'top_k must be in [1, num_experts={num_experts}], got {top_k}')
         self.top_k = top_k
@@ -49,25 +51,24 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
     def requires_targets(self) -> bool:  # type: ignore[override]
         return self.use_damex_loss
 
-    def forward(self, x: Tensor, targets: Optional[Tensor] = None,
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None) -> SparseRouting:
-        """x: (B, N, D); targets: (B,) expert per image or None. Returns a SparseRouting over T=B*N."""
-        tokens = x.reshape(-1, x.shape[-1])
+        """tokens: (T, D) of one group; targets: (T,) expert per token or None."""
         logits, noisy_logits, std = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
-        capacity = (None if capacity_factor is None else
-                    compute_capacity(tokens.shape[0], self.num_experts, capacity_factor))
+        capacity = self.capacity(tokens.shape[0], capacity_factor, self.top_k)
         priority = gates.max(dim=-1).values if self.batch_prioritized else None
         expert_index, kept = top_k_assignment(gates, self.top_k, capacity, priority)
         routing = sparse_from_token_choice(logits, expert_index, kept, gates)
-        routing.aux_losses = self.losses(logits, noisy_logits, gates, std, targets, x.shape[1])
+        routing.aux_losses = self.losses(logits, noisy_logits, gates, std, targets)
         return routing
 
     def losses(self, logits: Tensor, noisy_logits: Tensor, gates: Tensor, std: float,
-               targets: Optional[Tensor], tokens_per_image: int) -> dict:
+               targets: Optional[Tensor]) -> dict:
         losses = {}
         if self.use_importance_loss:
-            losses['importance'] = importance_loss(gates)
+            clean_gates = gates if noisy_logits is logits else logits.float().softmax(dim=-1)
+            losses['importance'] = importance_loss(clean_gates)
         if self.use_load_loss and std > 0:
             losses['load'] = load_loss(logits.float(), noisy_logits.float(), std, self.top_k)
         if self.use_switch_loss:
@@ -75,7 +76,7 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
         if self.use_z_loss:
             losses['z'] = z_loss(logits)
         if self.use_damex_loss and targets is not None:
-            losses['damex'] = damex_loss(logits, targets.repeat_interleave(tokens_per_image))
+            losses['damex'] = damex_loss(logits, targets)
         return losses
 
 
@@ -91,11 +92,12 @@ class DatasetAwareRouter(SoftmaxTokenChoiceRouter):
 
     def __init__(self, embed_dims: int, num_experts: int, noise_std: float = 1.0,
                  batch_prioritized: bool = True, use_balance_loss: bool = False,
-                 use_z_loss: bool = False, top_k: int = 1):
+                 use_z_loss: bool = False, top_k: int = 1, capacity_multiple_of: int = 1):
         super().__init__(embed_dims, num_experts, top_k=top_k, noise_std=noise_std,
                          batch_prioritized=batch_prioritized,
                          use_importance_loss=use_balance_loss, use_load_loss=use_balance_loss,
-                         use_z_loss=use_z_loss, use_damex_loss=True)
+                         use_z_loss=use_z_loss, use_damex_loss=True,
+                         capacity_multiple_of=capacity_multiple_of)
 
 
 @MODELS.register_module()
@@ -109,20 +111,20 @@ class SinkhornTokenChoiceRouter(BaseRouter):
     """
 
     def __init__(self, embed_dims: int, num_experts: int, top_k: int = 1,
-                 noise_std: float = 0.0, num_iters: int = 20, use_z_loss: bool = False):
-        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss)
+                 noise_std: float = 0.0, num_iters: int = 20, use_z_loss: bool = False,
+                 capacity_multiple_of: int = 1):
+        super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
+                         capacity_multiple_of=capacity_multiple_of)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f'top_k must be in [1, num_experts={num_experts}], got {top_k}')
         self.top_k = top_k
         self.num_iters = num_iters
 
-    def forward(self, x: Tensor, targets: Optional[Tensor] = None,
+    def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None) -> SparseRouting:
-        tokens = x.reshape(-1, x.shape[-1])
         logits, noisy_logits, _ = self.gate_logits(tokens)
         plan = sinkhorn_plan(noisy_logits.detach(), self.num_iters)
-        capacity = (None if capacity_factor is None else
-                    compute_capacity(tokens.shape[0], self.num_experts, capacity_factor))
+        capacity = self.capacity(tokens.shape[0], capacity_factor, self.top_k)
         expert_index, kept = top_k_assignment(plan, self.top_k, capacity)
         routing = sparse_from_token_choice(logits, expert_index, kept, logits.float().softmax(-1))
         routing.info['plan'] = plan

@@ -1,0 +1,4 @@
+"""Transformer pieces DAMEX-DINO swaps into mmdet's DINO."""
+from .dataset_scoped_cdn import DatasetScopedCdnQueryGenerator
+
+__all__ = ['DatasetScopedCdnQueryGenerator']
