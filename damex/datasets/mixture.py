@@ -6,6 +6,7 @@ space its labels are in) in ``data_sample.metainfo``, and its labels are moved i
 unified label space, for any pipeline that ends in mmdet's plain ``PackDetInputs()``.
 """
 import copy
+import json
 
 from typing import List, Optional, Sequence, Union
 
@@ -58,17 +59,35 @@ def build_dataset(cfg, pipeline: Optional[list] = None, lazy_init: bool = False)
     return DATASETS.build(cfg)
 
 
-def assign_experts(entries: Sequence[dict], num_experts: Optional[int]) -> List[int]:
-    """Expert of every dataset: as given, else one per dataset in order.
+def read_expert_plan(path: str) -> dict:
+    """``{dataset name: expert}`` from a plan written by tools/analysis_tools/plan_experts.py."""
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f'expert plan {path}: cannot read it ({error})') from None
+    if not isinstance(plan, dict) or not isinstance(plan.get('experts'), dict):
+        raise ValueError(f'expert plan {path}: no "experts" object (dataset name -> expert)')
+    return plan['experts']
+
+
+def assign_experts(entries: Sequence[dict], num_experts: Optional[int],
+                   plan: Optional[dict] = None, plan_file: str = '') -> List[int]:
+    """Expert of every dataset: as given, else from the plan, else one per dataset in order.
 
     Several datasets may share an expert; a dataset left without one because the
-    experts ran out, or an expert out of range, is an error naming the dataset.
+    experts ran out, or missing from the plan, or an expert out of range, is an error
+    naming the dataset.
     """
     experts = []
     for i, entry in enumerate(entries):
-        expert = entry.get('expert', i)
         name = entry['name']
-        if 'expert' not in entry and num_experts is not None and i >= num_experts:
+        if 'expert' not in entry and plan is not None and name not in plan:
+            raise ValueError(f'dataset {name!r} is not in the expert plan {plan_file} (it plans '
+                             f'{sorted(plan)}); add it there or give it expert=<index>')
+        default = plan[name] if plan is not None else i
+        expert = entry.get('expert', default)
+        if 'expert' not in entry and plan is None and num_experts is not None and i >= num_experts:
             raise ValueError(f'dataset {name!r} (#{i}) has no expert: the {num_experts} experts '
                              'ran out; give it one with expert=<index> (experts may be shared)')
         if not isinstance(expert, int) or expert < 0 or (
@@ -88,6 +107,9 @@ class DatasetMixture(MMEngineConcatDataset):
             ``expert`` defaults to the dataset's position.
         num_experts: if given, every expert must lie in [0, num_experts) and a dataset
             without an explicit expert past the last expert is an error.
+        expert_plan: a PLAN.json of ``tools/analysis_tools/plan_experts.py``: datasets
+            without an explicit ``expert`` take the plan's (one absent from the plan is an
+            error naming it).
         merge_classes: None (default) for the disjoint union of all classes, True to
             merge classes that share a name, or ``{'dataset.class': 'unified name'}``.
         pipeline: the pipeline of every dataset whose config sets none. mmdet's
@@ -104,7 +126,7 @@ class DatasetMixture(MMEngineConcatDataset):
 
     def __init__(self, datasets: Sequence[dict], num_experts: Optional[int] = None,
                  merge_classes: Union[None, bool, dict] = None, pipeline: Optional[list] = None,
-                 lazy_init: bool = False):
+                 expert_plan: Optional[str] = None, lazy_init: bool = False):
         if not datasets:
             raise ValueError('DatasetMixture needs at least one dataset')
         names = []
@@ -115,7 +137,8 @@ class DatasetMixture(MMEngineConcatDataset):
             if entry['name'] in names:
                 raise ValueError(f'DatasetMixture: duplicate dataset name {entry["name"]!r}')
             names.append(entry['name'])
-        experts = assign_experts(datasets, num_experts)
+        plan = read_expert_plan(expert_plan) if expert_plan else None
+        experts = assign_experts(datasets, num_experts, plan, expert_plan or '')
         self.pipeline_cfg = pipeline
         built = []
         for name, entry in zip(names, datasets):

@@ -102,10 +102,13 @@ class DAMEXDINO(DINO):
         return None if self.moe_cfg is None else self.moe_cfg['num_experts']
 
     def init_weights(self) -> None:
-        """DINO's init, then per-expert xavier (DINO's xavier sees (E, out, in) fans)."""
+        """DINO's init, then per-expert xavier (DINO's xavier sees (E, out, in) fans), and
+        routers with ``init_from_plan`` from their layer's entry of the plan."""
         super().init_weights()
-        for layer in self.moe_layers.values():
+        for name, layer in self.moe_layers.items():
             layer.experts.xavier_init_()
+            if getattr(layer.router, 'init_from_plan', None):
+                layer.router.init_gate_from_plan(name)
 
     def routing_targets_of(self, batch_data_samples: OptSampleList) -> Optional[Tensor]:
         """(B,) expert of each image's dataset in batch order, or None if any is unknown."""

@@ -1,11 +1,14 @@
 """Token-choice routers: every token picks its experts (V-MoE, DAMEX, Sinkhorn token choice)."""
+import json
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from mmdet.registry import MODELS
 from ..losses import damex_loss, importance_loss, load_loss, switch_loss, z_loss
 from ..optimal_transport import sinkhorn_plan
+from ..planning import gate_from_plan
 from ..routing import SparseRouting, sparse_from_token_choice, top_k_assignment
 from .base import BaseRouter
 
@@ -88,16 +91,42 @@ class DatasetAwareRouter(SoftmaxTokenChoiceRouter):
     target (reported as 'damex'); at inference the router picks the expert from the token
     alone, no dataset id needed. As the official code: top-1, gate noise 1.0, and the
     DAMEX loss replaces the balance losses (``use_balance_loss=True`` adds them back).
+
+    ``init_from_plan='PLAN.json'`` (written by tools/analysis_tools/plan_experts.py): the
+    detector's ``init_weights`` sets the gate from the plan's entry for this router's layer
+    (:func:`~damex.models.moe.planning.gate_from_plan`), so each dataset's mean token routes
+    to its planned expert from the first step.
     """
 
     def __init__(self, embed_dims: int, num_experts: int, noise_std: float = 1.0,
                  batch_prioritized: bool = True, use_balance_loss: bool = False,
-                 use_z_loss: bool = False, top_k: int = 1, capacity_multiple_of: int = 1):
+                 use_z_loss: bool = False, top_k: int = 1, capacity_multiple_of: int = 1,
+                 init_from_plan: Optional[str] = None):
         super().__init__(embed_dims, num_experts, top_k=top_k, noise_std=noise_std,
                          batch_prioritized=batch_prioritized,
                          use_importance_loss=use_balance_loss, use_load_loss=use_balance_loss,
                          use_z_loss=use_z_loss, use_damex_loss=True,
                          capacity_multiple_of=capacity_multiple_of)
+        self.init_from_plan = init_from_plan
+
+    @torch.no_grad()
+    def init_gate_from_plan(self, layer_name: str) -> None:
+        """Set the gate from the plan's dataset means at ``layer_name``."""
+        with open(self.init_from_plan) as f:
+            plan = json.load(f)
+        layers = plan.get('layers', {})
+        if layer_name not in layers:
+            raise KeyError(f'expert plan {self.init_from_plan}: no entry for layer '
+                           f'{layer_name!r}; it has {sorted(layers)}')
+        entry = layers[layer_name]
+        weight = gate_from_plan(entry['dataset_means'], plan['experts'], self.num_experts,
+                                covariance=entry.get('within_covariance'),
+                                shares=plan.get('shares'))
+        if weight.shape != self.gate.weight.shape:
+            raise ValueError(f'expert plan {self.init_from_plan}: layer {layer_name!r} gives a '
+                             f'gate of {tuple(weight.shape)}, the router has '
+                             f'{tuple(self.gate.weight.shape)}')
+        self.gate.weight.copy_(weight)
 
 
 @MODELS.register_module()
