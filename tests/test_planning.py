@@ -53,12 +53,14 @@ def test_gate_sends_each_mean_to_its_expert_confidently():
         gate_from_plan(means, {'d0': 0, 'd1': 1, 'd2': 1}, 3)
 
 
-def write_config(tmp_path, datasets_code):
+def write_config(tmp_path, datasets=None):
+    """The tests' small demo config, optionally with other training datasets, as a file."""
+    cfg = tiny_demo_config(tmp_path / 'work')
+    if datasets is not None:
+        cfg.train_dataloader.dataset.datasets = datasets(cfg.train_dataloader.dataset.datasets)
+        cfg.train_dataloader.dataset.num_experts = None
     config = tmp_path / 'cfg.py'
-    config.write_text(
-        f"_base_ = '{REPO}/configs/demo/damex_demo.py'\n"
-        "model = dict(encoder=dict(num_layers=1), num_queries=20,\n"
-        "             dn_cfg=dict(group_cfg=dict(num_dn_queries=10)))\n" + datasets_code)
+    cfg.dump(str(config))
     return config
 
 
@@ -73,17 +75,17 @@ def run_plan(config, out, *args):
 def test_plan_tool_puts_same_domain_datasets_together(demo_data, tmp_path):
     # aerial and aerial-copy: the same images; signs and signs-stop: the same images with
     # another label space; trees: another domain
-    code = '''
-_train = {{_base_.train_dataloader.dataset}}
-_d = {e['name']: e for e in _train['datasets']}
-_copy = dict(name='aerial-copy', dataset=_d['aerial']['dataset'])
-_stop = dict(name='signs-stop', dataset=dict(_d['signs']['dataset'], metainfo=dict(classes=('stop', )),
-             ignore_classes=('yield', )))
-train_dataloader = dict(dataset=dict(num_experts=None, datasets=[
-    dict(name='trees', dataset=_d['trees']['dataset']), dict(name='aerial', dataset=_d['aerial']['dataset']),
-    _copy, dict(name='signs', dataset=_d['signs']['dataset']), _stop]))
-'''
-    config = write_config(tmp_path, code)
+    def datasets(entries):
+        by_name = {e['name']: e['dataset'] for e in entries}
+        stop = copy.deepcopy(by_name['signs'])
+        stop.update(metainfo=dict(classes=('stop', )), ignore_classes=('yield', ))
+        return [dict(name='trees', dataset=by_name['trees']),
+                dict(name='aerial', dataset=by_name['aerial']),
+                dict(name='aerial-copy', dataset=copy.deepcopy(by_name['aerial'])),
+                dict(name='signs', dataset=by_name['signs']),
+                dict(name='signs-stop', dataset=stop)]
+
+    config = write_config(tmp_path, datasets)
     plan, stdout = run_plan(config, tmp_path / 'plan.json', '--num-experts', 3,
                             '--images-per-dataset', 2)
     experts = plan['experts']
@@ -104,7 +106,7 @@ train_dataloader = dict(dataset=dict(num_experts=None, datasets=[
 
 
 def test_plan_initialised_router_routes_right_at_step_0(demo_data, tmp_path):
-    config = write_config(tmp_path, '')
+    config = write_config(tmp_path)
     plan_file = tmp_path / 'plan.json'
     plan, _ = run_plan(config, plan_file, '--num-experts', 3, '--images-per-dataset', 6)
     cfg = tiny_demo_config(tmp_path / 'work')

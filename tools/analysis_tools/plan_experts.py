@@ -34,7 +34,6 @@ import copy
 import json
 import os.path as osp
 import logging
-import warnings
 from collections import defaultdict
 
 import matplotlib
@@ -102,8 +101,13 @@ def dataset_means(model, mixture, layer_names, images_per_dataset, seed):
     progress = ProgressBar(len(picks))
     try:
         for dataset, index in picks:
-            batch = pseudo_collate([mixture[index]])
-            model.test_step(batch)
+            data = model.data_preprocessor(pseudo_collate([mixture[index]]), False)
+            for sample in data['data_samples']:  # the mixture's current expert map is moot
+                if 'expert_id' in sample:
+                    delattr(sample, 'expert_id')
+            # the transformer alone: the tokens are all we need, not the head's predictions
+            model.forward_transformer(model.extract_feat(data['inputs']),
+                                      data['data_samples'])
             for name in layer_names:
                 tokens[name][dataset].append(captured[name].cpu())
             progress.update()
@@ -124,8 +128,7 @@ def dataset_means(model, mixture, layer_names, images_per_dataset, seed):
     return means, covariances
 
 
-def refine_for_plan_init(model, mixture, layer_names, moe_layers, means, covariances, experts,
-                         shares, args):
+def refine_for_plan_init(model, mixture, moe_layers, means, covariances, experts, args):
     """Recompute each MoE layer's statistics with the routers before it initialised from
     the plan, as the model will be at its first step (a router's choice changes what the
     later layers see). One pass over the images per MoE layer after the first."""
@@ -133,12 +136,11 @@ def refine_for_plan_init(model, mixture, layer_names, moe_layers, means, covaria
     if not moe_layers or any(getattr(r, 'num_experts', None) != args.num_experts or
                              not hasattr(r, 'gate') for r in routers):
         return means, covariances
-    share_of = dict(zip(mixture.label_space.names, shares))
     for index, (name, router) in enumerate(zip(moe_layers, routers)):
         with torch.no_grad():
             router.gate.weight.copy_(gate_from_plan(
                 {d: m.tolist() for d, m in means[name].items()}, experts, args.num_experts,
-                covariance=covariances[name].tolist(), shares=share_of))
+                covariance=covariances[name].tolist()))
         later = moe_layers[index + 1:]
         if later:
             print(f'statistics of {", ".join(later)} with the routers up to {name} '
@@ -190,7 +192,6 @@ def main():
         cfg.merge_from_dict(args.cfg_options)
     init_default_scope(cfg.get('default_scope', 'mmdet'))
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # no per-parameter init log
-    warnings.filterwarnings('ignore', message='DatasetAwareDINOHead: an untrained model')
     set_random_seed(args.seed)
     model_cfg = copy.deepcopy(cfg.model)
     model_cfg.get('backbone', {}).pop('init_cfg', None) if args.checkpoint else None
@@ -227,8 +228,8 @@ def main():
         near = f'{names[nearest]} ({similarity[i, nearest]:.3f})' if nearest is not None else '-'
         print(f'  {name:<18}{experts[name]:>7}{shares[i]:>8.3f}  {near}')
 
-    means, covariances = refine_for_plan_init(model, mixture, layer_names, moe_layers, means,
-                                              covariances, experts, shares, args)
+    means, covariances = refine_for_plan_init(model, mixture, moe_layers, means, covariances,
+                                              experts, args)
     layers = {}
     for name in layer_names:
         centroids = []

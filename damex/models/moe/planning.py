@@ -97,20 +97,19 @@ def _capped_assignment(cost: np.ndarray, shares: np.ndarray, cap: float) -> List
 
 def gate_from_plan(dataset_means: Dict[str, Sequence[float]], experts: Dict[str, int],
                    num_experts: int, covariance: Optional[Sequence[Sequence[float]]] = None,
-                   shares: Optional[Dict[str, float]] = None, confidence: float = 5.0,
-                   shrinkage: float = 0.01, ridge: float = 1e-3) -> torch.Tensor:
-    """(E, D) gate weights under which tokens route to their dataset's planned expert.
+                   confidence: float = 5.0, shrinkage: float = 0.01,
+                   ridge: float = 1e-6) -> torch.Tensor:
+    """(E, D) gate weights W under which tokens route to their dataset's planned expert.
 
-    With the pooled within-dataset token ``covariance`` (what plan_experts.py stores): a
-    linear discriminant, w_e = S^-1 (c_e - m) with S the covariance shrunk by
-    ``shrinkage`` towards its mean variance, c_e the expert's centroid and m the mean of all
-    dataset means, then made orthogonal to m: the gate has no bias, and every token shares
-    the large common component m, on which the experts' scores must not differ. Tokens vary
-    far more within a dataset than the dataset means differ (measured on the demo: 5x), so
-    the discriminant, which discounts the directions of that variation, routes tokens far
-    better than the means alone. Without a covariance: the minimum-norm least-squares gate
-    that sends each mean to its expert. Either way the weights are scaled so that a
-    dataset's mean gets a logit margin of ``confidence`` (softmax ~0.98 for E = 3 at 5).
+    W gives every dataset's mean token exactly the logits ``confidence * (onehot(expert) -
+    1/E)`` (softmax ~0.98 for E = 3 at 5) and, among all such W, disturbs the logits of a
+    token the least for the token's variation around its dataset's mean: it minimises
+    trace(W S W^T) with S the pooled within-dataset token ``covariance`` (shrunk by
+    ``shrinkage`` towards its mean variance): W = T^T (M S^-1 M^T)^-1 M S^-1, M the means,
+    T the target logits. Tokens vary far more within a dataset than the dataset means
+    differ (measured on the demo: ~5x), so discounting the directions they vary in is what
+    makes the routing right per token, not only per mean. Without a covariance S = I (the
+    minimum-norm gate). Several datasets may share an expert.
     """
     names = list(dataset_means)
     missing = sorted(n for n in names if n not in experts)
@@ -121,31 +120,17 @@ def gate_from_plan(dataset_means: Dict[str, Sequence[float]], experts: Dict[str,
             raise ValueError(f'the plan maps {name!r} to expert {experts[name]}, but the layer '
                              f'has {num_experts} experts')
     means = torch.tensor([dataset_means[n] for n in names], dtype=torch.float64)  # (K, D)
-    targets = torch.tensor([experts[n] for n in names])
+    targets = torch.full((len(names), num_experts), -confidence / num_experts,
+                         dtype=torch.float64)
+    targets[torch.arange(len(names)), torch.tensor([experts[n] for n in names])] += confidence
+    dims = means.shape[1]
     if covariance is None:
-        onehot = torch.full((len(names), num_experts), -1.0 / num_experts, dtype=torch.float64)
-        onehot[torch.arange(len(names)), targets] += 1.0
-        gram = means @ means.T
-        gram += ridge * gram.diagonal().mean() * torch.eye(len(names), dtype=torch.float64)
-        weight = torch.linalg.solve(gram, onehot).T @ means  # T^T (M M^T)^-1 M
+        whitened = means  # M S^-1 with S = I
     else:
-        weight_of = torch.tensor([(shares or {}).get(n, 1.0) for n in names],
-                                 dtype=torch.float64)
-        center = means.mean(0)
         cov = torch.tensor(covariance, dtype=torch.float64)
         cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(
-            cov.shape[0], dtype=torch.float64)
-        weight = torch.zeros(num_experts, means.shape[1], dtype=torch.float64)
-        for e in range(num_experts):
-            members = targets == e
-            if members.any():
-                centroid = (weight_of[members, None] * means[members]).sum(0) / \
-                    weight_of[members].sum()
-                weight[e] = torch.linalg.solve(cov, centroid - center)
-        weight -= (weight @ center / (center @ center))[:, None] * center
-    logits = means @ weight.T
-    chosen = logits.gather(1, targets[:, None])[:, 0]
-    others = logits.scatter(1, targets[:, None], float('-inf')).max(1).values
-    margins = (chosen - others)[(chosen - others) > 0]
-    scale = confidence / margins.median() if len(margins) else 1.0
-    return (weight * scale).float()
+            dims, dtype=torch.float64)
+        whitened = torch.linalg.solve(cov, means.T).T  # M S^-1 (S symmetric)
+    gram = whitened @ means.T  # M S^-1 M^T
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(names), dtype=torch.float64)
+    return (torch.linalg.solve(gram, targets).T @ whitened).float()

@@ -120,8 +120,7 @@ class DatasetAwareRouter(SoftmaxTokenChoiceRouter):
                            f'{layer_name!r}; it has {sorted(layers)}')
         entry = layers[layer_name]
         weight = gate_from_plan(entry['dataset_means'], plan['experts'], self.num_experts,
-                                covariance=entry.get('within_covariance'),
-                                shares=plan.get('shares'))
+                                covariance=entry.get('within_covariance'))
         if weight.shape != self.gate.weight.shape:
             raise ValueError(f'expert plan {self.init_from_plan}: layer {layer_name!r} gives a '
                              f'gate of {tuple(weight.shape)}, the router has '
