@@ -118,7 +118,8 @@ def main():
             shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)
             record['routing'] = {name: share.tolist() for name, share in zip(layers, shares)}
         records.append(record)
-        image = mmcv.imread(path, flag='color_ignore_orientation', channel_order='rgb')
+        # stored pixels (no EXIF rotation); mmcv converts channels only for plain 'color'
+        image = mmcv.bgr2rgb(mmcv.imread(path, flag='color_ignore_orientation'))
         result.pred_instances = pred
         stem = osp.splitext(osp.basename(path))[0]
         visualizer.add_datasample(stem, image, data_sample=result, draw_gt=False, show=False,

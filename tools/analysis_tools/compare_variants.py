@@ -1,0 +1,247 @@
+"""Held-out benchmark: dense DINO, vanilla MoE and three DAMEX variants, same data and seeds.
+
+    python tools/analysis_tools/compare_variants.py [--iters 250] [--seeds 0 1]
+        [--work-dir work_dirs/compare_variants] [--out-md TABLE.md] [--plot PLOT.png]
+
+Data: ``tools/misc/make_heldout_data.py`` (data/heldout): five datasets (trees, aerial,
+harbor, signs, lights) from three domains on three experts, with disjoint training and
+validation images, so the expert map is a real choice and the numbers are held out.
+
+Variants, at equal iterations and seeds (the demo's CPU-sized DAMEX-DINO, one encoder
+layer, 30 queries, 256 px; MoE in decoder layers 0, 2, 4):
+- ``dense``: DINO with dense FFNs;
+- ``moe``: vanilla MoE (noisy top-1, importance + load losses);
+- ``damex-hand``: DAMEX with the map a person writes from the names alone (in listing
+  order, round robin: trees 0, aerial 1, harbor 2, signs 0, lights 1);
+- ``damex-plan``: DAMEX with ``plan_experts.py``'s map (computed on the untrained model of
+  the same seed) and plan-initialised routers;
+- ``damex-forced``: DAMEX, hand map, every token forced to its expert for the first 20% of
+  the iterations (``ForcedRoutingHook``).
+Reports per-dataset AP and AP50 on the validation images, mean AP, routing accuracy on
+validation images (against each variant's own map; the vanilla MoE against the hand map),
+routing accuracy at 10% of training (telemetry), seconds per iteration: mean and spread
+(min-max) over seeds. Writes a markdown table and a plot of training routing accuracy over
+iterations per variant.
+"""
+import argparse
+import copy
+import glob
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.join(ROOT, 'tools', 'misc'))
+from make_heldout_data import make_heldout_data  # noqa: E402
+
+DATASETS = [  # name, type, classes
+    ('trees', 'XMLFolderDataset', ('Tree', )),
+    ('aerial', 'DOTADataset', ('plane', 'storage-tank')),
+    ('harbor', 'DOTADataset', ('ship', )),
+    ('signs', 'CocoDataset', ('stop', 'yield')),
+    ('lights', 'CocoDataset', ('traffic-light', )),
+]
+HAND_MAP = dict(trees=0, aerial=1, harbor=2, signs=0, lights=1)
+VARIANTS = ('dense', 'moe', 'damex-hand', 'damex-plan', 'damex-forced')
+NUM_EXPERTS = 3
+
+
+def dataset_cfg(root, name, kind, classes, split):
+    base = dict(data_root=f'{root}/{name}/', metainfo=dict(classes=classes),
+                test_mode=split != 'train')
+    if kind == 'XMLFolderDataset':
+        return dict(type=kind, ann_file=split, data_prefix=dict(img_path=split), **base)
+    if kind == 'DOTADataset':
+        return dict(type=kind, ann_file=f'{split}/labelTxt',
+                    data_prefix=dict(img_path=f'{split}/images'), **base)
+    return dict(type=kind, ann_file=f'{split}.json', data_prefix=dict(img=f'{split}/'),
+                filter_cfg=dict(filter_empty_gt=False), **base)
+
+
+def mixture(root, split, pipeline, experts=None, plan=None):
+    entries = []
+    for name, kind, classes in DATASETS:
+        entry = dict(name=name, dataset=dataset_cfg(root, name, kind, classes, split))
+        if experts is not None:
+            entry['expert'] = experts[name]
+        entries.append(entry)
+    cfg = dict(type='DatasetMixture', num_experts=NUM_EXPERTS, pipeline=pipeline,
+               datasets=entries)
+    if plan is not None:
+        cfg['expert_plan'] = plan
+    return cfg
+
+
+def base_config(root, seed, iters, work_dir):
+    cfg = Config.fromfile(osp.join(ROOT, 'configs/demo/damex_demo.py'))
+    cfg.work_dir = work_dir
+    cfg.model.encoder.num_layers = 1
+    cfg.model.num_queries = 30
+    cfg.model.dn_cfg.group_cfg.num_dn_queries = 10
+    cfg.model.test_cfg.max_per_img = 30
+    cfg.model.bbox_head.num_classes = sum(len(c) for _, _, c in DATASETS)
+    cfg.train_dataloader.dataset = mixture(root, 'train', cfg.train_pipeline, HAND_MAP)
+    cfg.val_dataloader.dataset = mixture(root, 'val', cfg.test_pipeline, HAND_MAP)
+    cfg.test_dataloader = cfg.val_dataloader
+    cfg.train_cfg = dict(type='IterBasedTrainLoop', max_iters=iters, val_interval=iters + 1,
+                         val_begin=iters + 1)
+    cfg.param_scheduler = [dict(type='MultiStepLR', by_epoch=False, begin=0, end=iters,
+                                milestones=[int(iters * 0.8)], gamma=0.1)]
+    cfg.default_hooks.logger.interval = 5
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=iters)
+    cfg.randomness = dict(seed=seed)
+    return cfg
+
+
+def variant_config(variant, root, seed, iters, work_dir):
+    cfg = base_config(root, seed, iters, work_dir)
+    if variant == 'dense':
+        cfg.model.pop('moe')
+    elif variant == 'moe':
+        cfg.model.moe.router = dict(type='SoftmaxTokenChoiceRouter', top_k=1, noise_std=1.0)
+        cfg.model.moe.aux_loss_weights = dict(importance=0.005, load=0.005)
+    elif variant == 'damex-plan':
+        plan = osp.join(work_dir, 'PLAN.json')
+        config = osp.join(work_dir, 'plan_config.py')
+        os.makedirs(work_dir, exist_ok=True)
+        cfg.dump(config)
+        subprocess.run([sys.executable, osp.join(ROOT, 'tools/analysis_tools/plan_experts.py'),
+                        config, '--num-experts', str(NUM_EXPERTS), '--images-per-dataset', '8',
+                        '--seed', str(seed), '--out', plan], check=True,
+                       stdout=subprocess.DEVNULL)
+        cfg.train_dataloader.dataset = mixture(root, 'train', cfg.train_pipeline, plan=plan)
+        cfg.val_dataloader.dataset = mixture(root, 'val', cfg.test_pipeline, plan=plan)
+        cfg.test_dataloader = cfg.val_dataloader
+        cfg.model.moe.router = dict(type='DatasetAwareRouter', noise_std=1.0,
+                                    init_from_plan=plan)
+    elif variant == 'damex-forced':
+        cfg.custom_hooks = list(cfg.custom_hooks) + [
+            dict(type='ForcedRoutingHook', iters=max(1, iters // 5))]
+    return cfg
+
+
+def scalars(work_dir):
+    path = sorted(glob.glob(osp.join(work_dir, '*', 'vis_data', 'scalars.json')))[-1]
+    return [json.loads(line) for line in open(path) if '"loss"' in line]
+
+
+def run(variant, root, seed, iters, work_dir):
+    cfg = variant_config(variant, root, seed, iters, work_dir)
+    cfg.experiment_name = f'{variant}_seed{seed}'
+    # one visualizer per run: mmengine reuses an instance of the same name (and its dir)
+    cfg.visualizer = dict(cfg.visualizer, name=f'visualizer_{variant}_seed{seed}')
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    metrics = runner.val()
+    rows = scalars(work_dir)
+    result = dict(variant=variant, seed=seed, metrics=metrics,
+                  seconds_per_iter=float(np.mean([r['time'] for r in rows[2:]] or [np.nan])))
+    curve = [(r['iter'], r['routing/train_accuracy']) for r in rows
+             if 'routing/train_accuracy' in r]
+    result['routing_curve'] = curve
+    if curve:
+        target = 0.1 * iters
+        result['routing_at_10pct'] = min(curve, key=lambda c: abs(c[0] - target))[1]
+    if variant == 'damex-plan':
+        result['plan'] = json.load(open(osp.join(work_dir, 'PLAN.json')))['experts']
+    return result
+
+
+def summary(values):
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    if not values:
+        return 'n/a'
+    return f'{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})'
+
+
+def table(results, iters):
+    names = [d for d, _, _ in DATASETS]
+    header = (['variant'] + [f'{n} AP / AP50' for n in names] +
+              ['mean AP', 'routing acc. (val)', f'routing acc. @{iters // 10} it', 's / it'])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for variant in VARIANTS:
+        runs = [r for r in results if r['variant'] == variant]
+        if not runs:
+            continue
+        cells = [variant]
+        for name in names:
+            ap = [r['metrics'].get(f'{name}/bbox_mAP') for r in runs]
+            ap50 = [r['metrics'].get(f'{name}/bbox_mAP_50') for r in runs]
+            cells.append(f'{summary(ap)} / {summary(ap50)}')
+        cells.append(summary([r['metrics'].get('mean/bbox_mAP') for r in runs]))
+        cells.append(summary([r['metrics'].get('routing/accuracy') for r in runs]))
+        cells.append(summary([r.get('routing_at_10pct') for r in runs]))
+        cells.append(summary([r['seconds_per_iter'] for r in runs]))
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def plot(results, path):
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for variant in VARIANTS:
+        curves = [r['routing_curve'] for r in results if r['variant'] == variant
+                  and r['routing_curve']]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)
+        iters = [c[0] for c in curves[0][:length]]
+        mean = np.mean([[c[1] for c in curve[:length]] for curve in curves], axis=0)
+        ax.plot(iters, mean, label=variant)
+    ax.set_xlabel('iteration')
+    ax.set_ylabel('routing accuracy (training batches)')
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title('share of each dataset\'s tokens at its expert, mean over seeds')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--iters', type=int, default=250)
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument('--work-dir', default=osp.join('work_dirs', 'compare_variants'))
+    parser.add_argument('--data', default=osp.join(ROOT, 'data', 'heldout'))
+    parser.add_argument('--out-md', default=None)
+    parser.add_argument('--plot', default=None)
+    args = parser.parse_args()
+    root = make_heldout_data(args.data)
+    start = time.time()
+    results = []
+    for seed in args.seeds:
+        for variant in args.variants:
+            print(f'[{time.time() - start:7.0f} s] {variant}, seed {seed}', flush=True)
+            work_dir = osp.join(args.work_dir, f'{variant}_seed{seed}')
+            results.append(run(variant, root, seed, args.iters, work_dir))
+    elapsed = time.time() - start
+    markdown = table(results, args.iters)
+    plans = {r['seed']: r['plan'] for r in results if 'plan' in r}
+    text = (f'{args.iters} iterations, seeds {args.seeds}, {elapsed / 60:.1f} min in all\n\n'
+            f'{markdown}\n\nplanned maps: {json.dumps(plans)}\n')
+    print(text)
+    out_md = args.out_md or osp.join(args.work_dir, 'compare_variants.md')
+    with open(out_md, 'w') as f:
+        f.write(text)
+    with open(osp.join(args.work_dir, 'compare_variants.json'), 'w') as f:
+        json.dump(results, f, indent=1)
+    plot_path = args.plot or osp.join(args.work_dir, 'routing_accuracy.png')
+    plot(results, plot_path)
+    print(f'wrote {out_md} and {plot_path}')
+
+
+if __name__ == '__main__':
+    main()
