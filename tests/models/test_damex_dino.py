@@ -161,3 +161,22 @@ def test_runner_checkpoint_loads_back_and_predicts_the_same_boxes(demo_data, tmp
     for a, b in zip(expected, got):
         torch.testing.assert_close(a.pred_instances.bboxes, b.pred_instances.bboxes)
         torch.testing.assert_close(a.pred_instances.scores, b.pred_instances.scores)
+
+
+def test_one_training_step_under_cpu_autocast(tiny):
+    """Mixed precision (issue #14): a training step of the smallest config under bf16
+    autocast; MoE experts in bf16, router logits and losses float32."""
+    cfg, model, dataset = tiny
+    model.train()
+    batch = mixed_batch(model, dataset, [0, 9])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        losses = model.loss(batch['inputs'], batch['data_samples'])
+    total = sum(v for k, v in losses.items() if 'loss' in k)
+    assert torch.isfinite(total)
+    model.zero_grad()
+    total.backward()
+    for name, layer in model.moe_layers.items():
+        assert layer.last_routing['logits'].dtype == torch.float32
+        assert layer.aux_losses['damex'].dtype == torch.float32
+        grad = layer.experts.fc1_weight.grad
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
