@@ -39,6 +39,8 @@ def test_telemetry_by_hand_on_a_fixed_routing():
 
 def test_telemetry_keys_in_scalars_json(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=2)
+    # a visualizer of its own: mmengine reuses an instance of the same name (and its dir)
+    cfg.visualizer = dict(cfg.visualizer, name=f'visualizer_{tmp_path.name}')
     runner = Runner.from_cfg(cfg)
     runner.train()
     scalars = glob.glob(osp.join(str(tmp_path), '*', 'vis_data', 'scalars.json'))
