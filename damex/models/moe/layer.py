@@ -142,14 +142,20 @@ class MoEFFN(BaseModule):
         tokens = x.reshape(-1, self.embed_dims)
         slices = group_slices(batch, num_tokens, self.group_size)
         token_targets = None if targets is None else targets.repeat_interleave(num_tokens)
-        if getattr(self.router, 'takes_groups', False):
-            return self.router(tokens, token_targets, factor, groups=slices)
-        routing = merge_group_routings(
-            [self.router(tokens[start:stop],
-                         None if token_targets is None else token_targets[start:stop],
-                         factor) for start, stop in slices],
-            [start for start, _ in slices])
+        if getattr(self.router, 'takes_groups', False):  # batches its groups itself
+            routing = self.router(tokens, token_targets, factor, groups=slices)
+        else:
+            routing = merge_group_routings(
+                [self.router(tokens[start:stop],
+                             None if token_targets is None else token_targets[start:stop],
+                             factor) for start, stop in slices],
+                [start for start, _ in slices])
         if self.force_targets and self.training and token_targets is not None:
+            if isinstance(routing, SoftRouting):
+                raise ValueError(
+                    f'{self.name}: forced routing (ForcedRoutingHook) sends every token to one '
+                    'expert; Soft MoE has no per-token expert to force: remove the hook or '
+                    'use a sparse router')
             routing = forced_routing(routing, token_targets)
         return routing
 

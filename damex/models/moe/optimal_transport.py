@@ -5,6 +5,8 @@ is one unit of mass) and whose columns sum to T/E (every expert gets the same sh
 Neither is differentiated: routers use the plan only to choose, and take their combine
 weights from the router softmax (as the reference, google-research/vmoe).
 """
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,26 +20,27 @@ def sinkhorn_plan(scores: Tensor, num_iters: int = 20, epsilon: float = 1.0) -> 
     google-research/vmoe calls): after any number of iterations every row sums exactly
     to 1 and the columns converge to T/E. In scaling form, with K = exp(scores / eps),
     u = 1, v = 1 at the start: v = (T/E) / (K^T u), then u = 1 / (K v).
-    scores: (T, E). Returns the plan diag(u) K diag(v), (T, E).
+    scores: (..., T, E), leading dims are independent problems (routing groups solved in
+    one batched pass). Returns the plan diag(u) K diag(v), (..., T, E).
     """
     if num_iters < 1:
         raise ValueError(f'num_iters must be >= 1, got {num_iters}')
-    num_tokens, num_experts = scores.shape
+    num_tokens, num_experts = scores.shape[-2:]
     kernel = scores.to(torch.promote_types(scores.dtype, torch.float32)) / epsilon
-    log_row = kernel.new_zeros(num_tokens)
-    log_col = kernel.new_full((num_experts,), float(num_tokens) / num_experts).log()
-    u = kernel.new_zeros(num_tokens)
+    log_row = 0.0
+    log_col = math.log(float(num_tokens) / num_experts)
+    u = kernel.new_zeros(kernel.shape[:-1])[..., None]  # (..., T, 1)
     for _ in range(num_iters):
-        v = log_col - torch.logsumexp(kernel + u[:, None], dim=0)
-        u = log_row - torch.logsumexp(kernel + v, dim=1)
-    return torch.exp(kernel + u[:, None] + v)
+        v = log_col - torch.logsumexp(kernel + u, dim=-2, keepdim=True)  # (..., 1, E)
+        u = log_row - torch.logsumexp(kernel + v, dim=-1, keepdim=True)
+    return torch.exp(kernel + u + v)
 
 
 def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
     """Euclidean projection of each row of ``values`` onto the k-sparse probability simplex.
 
     Keep the k largest entries of a row, project them onto the simplex, zero the rest
-    (Kyrillidis et al. 2013). values: (R, M). Returns (R, M) rows with <= k non-zeros.
+    (Kyrillidis et al. 2013). values: (..., M). Returns (..., M) rows with <= k non-zeros.
     """
     k = min(k, values.shape[-1])
     # sorted, descending; among equal values the lower index is kept first (the reference's order)
@@ -62,28 +65,28 @@ def sparsity_constrained_plan(similarity: Tensor, k: int, gamma: float = 1.0,
     a = 1 per token, b = T/E per expert, and max_e is the squared-L2 max operator over the
     k-sparse simplex scaled by gamma * b_e. The plan is P[:, e] = b_e * p_e with p_e the
     projection of (alpha - C[:, e]) / (gamma * b_e) onto the k-sparse simplex.
-    similarity: (T, E), e.g. softmax(logits). Returns the plan (T, E).
+    similarity: (..., T, E), e.g. softmax(logits); leading dims are independent problems
+    (routing groups solved in one batched pass). Returns the plan (..., T, E).
     """
-    num_tokens, num_experts = similarity.shape
+    num_tokens, num_experts = similarity.shape[-2:]
     sim = similarity.float()
     col_mass = float(num_tokens) / num_experts
     scale = gamma * col_mass
 
     def column_projection(alpha: Tensor) -> Tensor:
-        # (E, T): one k-sparse simplex projection per expert column.
-        return project_k_sparse_simplex(((alpha[:, None] + sim) / scale).t(), k)
+        # (..., E, T): one k-sparse simplex projection per expert column.
+        return project_k_sparse_simplex(((alpha[..., None] + sim) / scale).transpose(-1, -2), k)
 
-    alpha = torch.zeros(num_tokens, device=sim.device)
-    alpha.requires_grad_(False)
+    alpha = sim.new_zeros(sim.shape[:-1])  # (..., T)
     # Adam on the semi-dual; its gradient is (row sums of the plan) - a, by Danskin's theorem.
     m = torch.zeros_like(alpha)
     s = torch.zeros_like(alpha)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, num_iters + 1):
-        grad = col_mass * column_projection(alpha).sum(dim=0) - 1.0
+        grad = col_mass * column_projection(alpha).sum(dim=-2) - 1.0
         m = beta1 * m + (1 - beta1) * grad
         s = beta2 * s + (1 - beta2) * grad * grad
         m_hat = m / (1 - beta1 ** step)
         s_hat = s / (1 - beta2 ** step)
         alpha = alpha - lr * m_hat / (s_hat.sqrt() + eps)
-    return col_mass * column_projection(alpha).t()
+    return col_mass * column_projection(alpha).transpose(-1, -2)

@@ -129,23 +129,47 @@ def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Tensor,
 
 
 def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity: int,
-                              combine: Tensor) -> SparseRouting:
-    """Expert choice: every expert takes its top-C tokens by ``selection_scores`` (T, E).
+                              combine: Tensor, group_starts: Optional[Tensor] = None
+                              ) -> SparseRouting:
+    """Expert choice: in each routing group every expert takes its top-C tokens.
 
-    combine: (T, E) weights the chosen (token, expert) pairs use. ``info`` gets
-    ``expert_tokens`` (E, C), the token each expert slot took, and ``expert_gates`` (E, C).
+    selection_scores: (T, E) for one group, or (G, M, E) for G groups of M tokens solved
+    together, group g's tokens being ``group_starts[g]`` ... + M - 1 of the T tokens that
+    ``logits`` (T, E) and ``combine`` (T, E, the weights of the chosen pairs) cover.
+    ``info`` gets ``expert_tokens`` (E, G*C), the token each expert slot took (groups
+    concatenated along C), and ``expert_gates`` (E, G*C).
     """
-    num_tokens, num_experts = selection_scores.shape
-    capacity = min(capacity, num_tokens)
-    token_index = stable_topk(selection_scores.t(), capacity)  # (E, C)
+    scores = selection_scores if selection_scores.dim() == 3 else selection_scores[None]
+    num_groups, group_tokens, num_experts = scores.shape
+    if group_starts is None:
+        group_starts = torch.arange(num_groups, device=scores.device) * group_tokens
+    capacity = min(capacity, group_tokens)
+    local = stable_topk(scores.transpose(-1, -2), capacity)  # (G, E, C)
+    token_index = (local + group_starts.to(local)[:, None, None]).transpose(0, 1)
+    token_index = token_index.reshape(num_experts, num_groups * capacity)
     expert_index = torch.arange(num_experts, device=logits.device)[:, None].expand_as(token_index)
-    weight = combine.t().gather(1, token_index)  # (E, C)
+    weight = combine.t().gather(1, token_index)  # (E, G*C)
     return SparseRouting(
         logits=logits,
         token_index=token_index.reshape(-1),
         expert_index=expert_index.reshape(-1),
         combine_weight=weight.reshape(-1),
         info=dict(expert_tokens=token_index, expert_gates=weight.detach()))
+
+
+def equal_size_runs(slices: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, int]]:
+    """Consecutive routing groups of one size, as (start, group size, number of groups).
+
+    Routers that look across tokens solve each run in one batched pass: ``'image'`` and
+    ``'batch'`` groups form one run, an int ``group_size`` at most two (a shorter last group).
+    """
+    runs: List[Tuple[int, int, int]] = []
+    for start, stop in slices:
+        if runs and stop - start == runs[-1][1] and start == runs[-1][0] + runs[-1][1] * runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((start, stop - start, 1))
+    return runs
 
 
 GroupSize = Union[str, int]

@@ -10,7 +10,7 @@ import torch
 
 from damex.models.moe import MoEFFN, compute_capacity
 from damex.models.moe.losses import importance_loss
-from damex.models.moe.optimal_transport import sinkhorn_plan
+from damex.models.moe.optimal_transport import sinkhorn_plan, sparsity_constrained_plan
 from damex.models.moe.routing import (group_slices, sparse_from_expert_choice, stable_topk,
                                       top_k_assignment)
 
@@ -244,3 +244,45 @@ def test_losses_average_over_groups():
     logits = layer.last_routing['logits']
     expected = torch.stack([importance_loss(logits[b].softmax(-1)) for b in range(2)]).mean()
     torch.testing.assert_close(layer.aux_losses['importance'], expected)
+
+
+def test_ot_solvers_batched_over_groups_equal_one_solve_per_group():
+    torch.manual_seed(2)
+    scores = 3 * torch.randn(3, 20, 4)
+    batched = sinkhorn_plan(scores, num_iters=7)
+    for g in range(3):
+        torch.testing.assert_close(batched[g], sinkhorn_plan(scores[g], num_iters=7))
+    similarity = scores.softmax(-1)
+    batched = sparsity_constrained_plan(similarity, k=5)
+    for g in range(3):
+        torch.testing.assert_close(batched[g], sparsity_constrained_plan(similarity[g], k=5))
+
+
+@pytest.mark.parametrize('router', ['SoftmaxExpertChoiceRouter', 'SinkhornExpertChoiceRouter',
+                                    'SparsityConstrainedExpertChoiceRouter'])
+def test_expert_choice_ragged_groups_equal_routing_each_group_alone(router):
+    # group_size=10 over 2 x 12 tokens: groups of 10, 10 and a shorter last group of 4,
+    # ranked in two batched passes; each must equal the router run on its group alone
+    layer = make_layer(router, group_size=10, capacity_factor=1.0)
+    layer.router.use_z_loss = True
+    torch.manual_seed(3)
+    x = torch.randn(2, 12, D)
+    out = layer(x)
+    tokens = x.reshape(-1, D)
+    expected_out, z_losses, slots = [], [], []
+    for start, stop in group_slices(2, 12, 10):
+        alone = layer(tokens[start:stop][None])
+        expected_out.append(alone[0])
+        z_losses.append(layer.aux_losses['z'])
+        slots.append(layer.last_routing['expert_tokens'] + start)
+    torch.testing.assert_close(out.reshape(-1, D), torch.cat(expected_out))
+    layer(x)
+    assert layer.last_routing['expert_tokens'].tolist() == torch.cat(slots, dim=1).tolist()
+    torch.testing.assert_close(layer.aux_losses['z'], torch.stack(z_losses).mean())
+
+
+def test_forced_routing_with_soft_moe_is_an_error():
+    layer = make_layer('SoftMoERouter').train()
+    layer.force_targets = True
+    with pytest.raises(ValueError, match='Soft MoE'):
+        layer(torch.randn(2, 8, D), routing_targets=torch.tensor([0, 1]))

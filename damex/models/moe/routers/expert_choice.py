@@ -8,14 +8,15 @@ scores an expert takes the lower token index first, as the reference.
 expert slot took, and ``expert_gates`` (E, C), its combine weight (groups concatenated
 along C).
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 
 from mmdet.registry import MODELS
-from ..losses import z_loss
 from ..optimal_transport import sinkhorn_plan, sparsity_constrained_plan
-from ..routing import SparseRouting, sparse_from_expert_choice
+from ..routing import (SparseRouting, equal_size_runs, merge_group_routings,
+                       sparse_from_expert_choice)
 from .base import BaseRouter
 
 
@@ -35,21 +36,45 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
         super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
                          capacity_multiple_of=capacity_multiple_of)
 
+    #: the layer hands over all groups at once (see :meth:`forward`).
+    takes_groups = True
+
     def selection_scores(self, logits: Tensor, gates: Tensor, capacity: int) -> Tensor:
-        """(T, E) scores by which each expert ranks tokens."""
+        """(G, M, E) scores by which each expert ranks the tokens of each of G groups."""
         return gates
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
-                capacity_factor: Optional[float] = None) -> SparseRouting:
-        """tokens: (T, D) of one routing group; targets are not used."""
+                capacity_factor: Optional[float] = None,
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
+        """tokens: (T, D); groups: the layer's routing groups as (start, stop) ranges
+        (default: all T tokens in one); targets are not used.
+
+        Groups of equal size are ranked in one batched pass (one OT solve for all images,
+        not one per image); an expert only ever takes tokens of the group it ranks.
+        """
+        slices = groups if groups is not None else [(0, tokens.shape[0])]
         logits, noisy_logits, _ = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
         factor = self.default_capacity_factor if capacity_factor is None else capacity_factor
-        capacity = self.capacity(tokens.shape[0], factor)
-        scores = self.selection_scores(noisy_logits.detach().float(), gates.detach(), capacity)
-        routing = sparse_from_expert_choice(logits, scores, capacity, gates)
-        if self.use_z_loss:
-            routing.aux_losses['z'] = z_loss(logits)
+        routings, z_losses = [], []
+        for start, size, count in equal_size_runs(slices):
+            stop = start + size * count
+
+            def grouped(t: Tensor) -> Tensor:
+                return t[start:stop].view(count, size, -1)
+
+            capacity = self.capacity(size, factor)
+            scores = self.selection_scores(grouped(noisy_logits.detach().float()),
+                                           grouped(gates.detach()), capacity)
+            starts = torch.arange(count, device=tokens.device) * size
+            routings.append(sparse_from_expert_choice(logits[start:stop], scores, capacity,
+                                                      gates[start:stop], starts))
+            if self.use_z_loss:
+                z_losses.append(torch.logsumexp(grouped(logits).float(), dim=-1).pow(2).mean(-1))
+        routing = merge_group_routings(routings, [start for start, _, _ in
+                                                  equal_size_runs(slices)])
+        if self.use_z_loss:  # z-loss of each group, averaged over groups
+            routing.aux_losses['z'] = torch.cat(z_losses).mean()
         return routing
 
 
