@@ -4,7 +4,8 @@
                                        [--size 512] [--batch 2] [--repeats 3] [--json out.json]
                                        [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
-Both models are built from the same config (the stock one with ``type='DINO'``, its plain
+Also times the routing telemetry the detector logs every training step (its share of the
+DAMEX train step, which includes it). Both models are built from the same config (the stock one with ``type='DINO'``, its plain
 ``DINOHead`` and no ``moe``), fed the same synthetic batch, and timed interleaved; each
 ratio is the median of per-repeat ratios. Memory: parameters + gradients + the activation
 bytes autograd saves for backward (CPU; CUDA: peak allocated) of one training step.
@@ -145,6 +146,10 @@ def main():
         for kind, fn in (('train', train), ('infer', infer)):
             for name, model in models.items():
                 times[(name, kind)].append(timed(lambda: fn(model)))
+    # routing telemetry (logged every step from the forward's routing): its share of a step
+    damex_model = models['damex']
+    telemetry_s = statistics.median(timed(lambda: damex_model.routing_telemetry(samples))
+                                    for _ in range(max(args.repeats, 5)))
     memory = {}
     for name, model in models.items():
         model.train()
@@ -160,6 +165,10 @@ def main():
         rows[kind] = dict(stock_s=stock, damex_s=ours, ratio=ratio)
         label = 'train step s' if kind == 'train' else 'inference s'
         print(f'{label:<14}{stock:>12.2f}{ours:>12.2f}{ratio:>7.3f}x')
+    telemetry_share = telemetry_s / rows['train']['damex_s']
+    rows['telemetry'] = dict(seconds=telemetry_s, share_of_train_step=telemetry_share)
+    print(f'{"telemetry ms":<14}{"":>12}{1e3 * telemetry_s:>12.2f}{100 * telemetry_share:>7.2f}% '
+          'of the DAMEX train step')
     mem_ratio = memory['damex'] / memory['stock']
     rows['memory'] = dict(stock_mb=memory['stock'] / 2**20, damex_mb=memory['damex'] / 2**20,
                           ratio=mem_ratio)

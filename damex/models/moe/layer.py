@@ -15,7 +15,7 @@ from . import routers as _routers
 from .experts import StackedExperts
 from .routers.base import BaseRouter
 from .routing import (PER_TOKEN_INFO, GroupSize, SoftRouting, SparseRouting, check_group_size,
-                      group_slices, merge_group_routings)
+                      from_groups, group_slices, merge_group_routings, to_groups)
 
 
 @MODELS.register_module()
@@ -190,9 +190,7 @@ class MoEFFN(BaseModule):
 
     def _soft_forward(self, tokens: Tensor, routing: SoftRouting) -> Tensor:
         """Slots = dispatch-weighted token sums per group; experts run on (E, G*P, D) slots."""
-        valid = routing.group_index >= 0
-        groups = tokens.new_zeros(*routing.group_index.shape, tokens.shape[-1])
-        groups[valid] = tokens
+        groups = to_groups(tokens, routing.group_index)
         num_groups, _, num_slots = routing.dispatch_weights.shape
         per_expert = num_slots // self.num_experts
         dispatch = routing.dispatch_weights.to(tokens.dtype)
@@ -202,7 +200,7 @@ class MoEFFN(BaseModule):
         slot_out = slot_out.view(self.num_experts, num_groups, per_expert, -1).transpose(0, 1)
         combine = routing.combine_weights.to(tokens.dtype)
         out = torch.einsum('gms,gsd->gmd', combine, slot_out.reshape(num_groups, num_slots, -1))
-        return out[valid]  # groups hold the tokens in order, padding last
+        return from_groups(out, routing.group_index, tokens.shape[0])
 
     def _routing_summary(self, routing, batch: int, num_tokens: int,
                          targets: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
@@ -211,9 +209,10 @@ class MoEFFN(BaseModule):
 
         summary = dict(logits=per_token(routing.logits), targets=targets)
         if isinstance(routing, SoftRouting):
-            valid = routing.group_index >= 0
+            combine = from_groups(routing.combine_weights, routing.group_index,
+                                  batch * num_tokens)
             summary.update(dispatch_weights=routing.dispatch_weights.detach(),
-                           combine_weights=per_token(routing.combine_weights[valid]),
+                           combine_weights=per_token(combine),
                            group_index=routing.group_index)
         else:
             mask = torch.zeros(batch * num_tokens, self.num_experts, dtype=torch.bool,

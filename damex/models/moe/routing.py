@@ -215,6 +215,26 @@ def padded_group_index(slices: Sequence[Tuple[int, int]], max_size: int,
     return torch.stack(rows)
 
 
+def to_groups(tokens: Tensor, group_index: Tensor) -> Tensor:
+    """(T, ...) tokens into (G, M, ...) groups laid out by :func:`padded_group_index`.
+
+    Without padding (every routing group a multiple of M tokens, e.g. 4096-token images in
+    groups of 256) this is a free view; otherwise a masked scatter, padding zero.
+    """
+    if group_index.numel() == tokens.shape[0]:
+        return tokens.view(*group_index.shape, *tokens.shape[1:])
+    grouped = tokens.new_zeros(*group_index.shape, *tokens.shape[1:])
+    grouped[group_index >= 0] = tokens  # the groups hold the tokens in order, padding last
+    return grouped
+
+
+def from_groups(grouped: Tensor, group_index: Tensor, num_tokens: int) -> Tensor:
+    """Inverse of :func:`to_groups`: (G, M, ...) back to the T tokens, padding dropped."""
+    if group_index.numel() == num_tokens:
+        return grouped.reshape(num_tokens, *grouped.shape[2:])
+    return grouped[group_index >= 0]
+
+
 #: ``SparseRouting.info`` keys holding one row per token (concatenated over groups).
 PER_TOKEN_INFO = ('expert_index', 'gates', 'plan')
 #: ``info`` keys of shape (E, C) per group, concatenated along C; token ids are offset.

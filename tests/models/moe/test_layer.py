@@ -77,10 +77,12 @@ def test_sparse_output_equals_per_token_reference(router, capacity_factor):
     torch.testing.assert_close(out.reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_soft_moe_equals_per_slot_reference():
+@pytest.mark.parametrize('num_tokens', [11, 16])
+def test_soft_moe_equals_per_slot_reference(num_tokens):
     layer = make_layer('SoftMoERouter').eval()
     captured = capture_routing(layer)
-    x = torch.randn(2, 11, D)  # 11 tokens -> groups of 8 and 3 (+5 padding) per image
+    # 11 tokens -> groups of 8 and 3 (+5 padding) per image; 16 -> two full groups (no padding)
+    x = torch.randn(2, num_tokens, D)
     out = layer(x)
     routing = captured['routing']
     tokens = x.reshape(-1, D)

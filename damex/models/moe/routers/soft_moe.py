@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from mmdet.registry import MODELS
 from ..losses import z_loss
-from ..routing import SoftRouting, padded_group_index
+from ..routing import SoftRouting, from_groups, padded_group_index, to_groups
 
 
 @MODELS.register_module()
@@ -65,17 +65,18 @@ class SoftMoERouter(nn.Module):
         (default: all T tokens in one)."""
         slices = groups if groups is not None else [(0, tokens.shape[0])]
         group_index = padded_group_index(slices, self.group_size, tokens.device)
-        valid = group_index >= 0
-        grouped = tokens.new_zeros(*group_index.shape, tokens.shape[-1])
-        grouped[valid] = tokens  # the slices cover all tokens in order
+        grouped = to_groups(tokens, group_index)  # the slices cover all tokens in order
         dtype = grouped.dtype if grouped.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.autocast(tokens.device.type, enabled=False):  # routing in full precision
             slots = F.normalize(self.slot_embeds.to(dtype), dim=-1) * self.scale.to(dtype)
             slot_logits = F.normalize(grouped.to(dtype), dim=-1) @ slots.t()  # (G, M, S)
-        padding = (~valid)[..., None]
-        dispatch = slot_logits.float().masked_fill(padding, float('-inf')).softmax(dim=1)
+        dispatch_logits = slot_logits.float()
+        if group_index.numel() != tokens.shape[0]:  # padded positions get no dispatch weight
+            dispatch_logits = dispatch_logits.masked_fill((group_index < 0)[..., None],
+                                                          float('-inf'))
+        dispatch = dispatch_logits.softmax(dim=1)
         combine = slot_logits.float().softmax(dim=-1)
-        per_slot = slot_logits[valid]  # (T, S): groups are in token order, padding last
+        per_slot = from_groups(slot_logits, group_index, tokens.shape[0])  # (T, S)
         logits = per_slot.view(-1, self.num_experts, self.slots_per_expert).logsumexp(dim=-1)
         routing = SoftRouting(logits=logits, dispatch_weights=dispatch,
                               combine_weights=combine, group_index=group_index)
