@@ -43,16 +43,21 @@ def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
     (Kyrillidis et al. 2013). values: (..., M). Returns (..., M) rows with <= k non-zeros.
     """
     k = min(k, values.shape[-1])
-    # sorted, descending; among equal values the lower index is kept first (the reference's order)
-    index = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
-    top = values.gather(-1, index)
+    # the k largest values, descending (their order among equal values does not matter here)
+    top = torch.topk(values, k, dim=-1).values
     cumsum = top.cumsum(dim=-1) - 1.0
     rank = torch.arange(1, k + 1, device=values.device, dtype=values.dtype)
     support = (top - cumsum / rank) > 0
     support_size = support.sum(dim=-1, keepdim=True).clamp(min=1)
     tau = cumsum.gather(-1, support_size - 1) / support_size.to(values.dtype)
-    projected = (top - tau).clamp(min=0)
-    return torch.zeros_like(values).scatter(-1, index, projected)
+    # which k entries are kept: all above the k-th value, then those equal to it, lower
+    # index first (the reference's order); elementwise, cheaper than a full stable sort
+    kth = top[..., -1:]
+    above = values > kth
+    tied = values == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    kept = above | (tied & (tied.cumsum(dim=-1) <= room))
+    return torch.where(kept, (values - tau).clamp(min=0), torch.zeros_like(values))
 
 
 @torch.no_grad()

@@ -128,6 +128,26 @@ def test_k_sparse_simplex_projection_matches_brute_force():
             torch.testing.assert_close(got, brute_force_k_sparse_projection(row, k))
 
 
+def test_k_sparse_projection_ties_keep_the_lower_index_and_batch():
+    # rows with values tied across the k-th place: the lower index is kept, as the
+    # reference's stable sort; leading dims are independent rows. Expected by hand: keep
+    # the k entries, tau = (sum of the support - 1) / |support|, entries minus tau.
+    values = torch.tensor([[[0.5, 0.2, 0.5, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3, 0.3]],
+                           [[0.0, 0.0, 0.0, 0.9, 0.0], [0.4, 0.1, 0.4, 0.2, 0.4]]],
+                          dtype=torch.float64)
+    third, thirtieth = 1 / 3, 1 / 30
+    expected = {
+        1: [[[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]], [[0, 0, 0, 1, 0], [1, 0, 0, 0, 0]]],
+        2: [[[0.5, 0, 0.5, 0, 0], [0.5, 0.5, 0, 0, 0]],
+            [[0.05, 0, 0, 0.95, 0], [0.5, 0, 0.5, 0, 0]]],
+        3: [[[third, 0, third, third, 0], [third, third, third, 0, 0]],
+            [[thirtieth, thirtieth, 0, 0.9 + thirtieth, 0], [third, 0, third, 0, third]]],
+    }
+    for k, rows in expected.items():
+        torch.testing.assert_close(project_k_sparse_simplex(values, k),
+                                   torch.tensor(rows, dtype=torch.float64))
+
+
 def test_sparsity_constrained_plan_marginals_and_sparsity():
     torch.manual_seed(3)
     sim = torch.randn(40, 4).softmax(-1)
