@@ -77,6 +77,19 @@ def training_memory(model, step, device):
     return activations + params + grads
 
 
+def stock_dino_config(damex_cfg):
+    """mmdet's DINO from a DAMEX-DINO model config: no MoE, the plain DINOHead (without the
+    dataset-aware head's own arguments; the UODB configs' loss_scope='all' is DINOHead's
+    loss)."""
+    stock_cfg = copy.deepcopy(damex_cfg)
+    stock_cfg.type = 'DINO'
+    stock_cfg.pop('moe', None)
+    stock_cfg.bbox_head.type = 'DINOHead'
+    for key in ('dataset_aware', 'loss_scope'):
+        stock_cfg.bbox_head.pop(key, None)
+    return stock_cfg
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default='configs/damex/damex-dino-e8_r50_4scale_8xb2-12e_uodb.py')
@@ -98,10 +111,7 @@ def main():
     cfg = Config.fromfile(args.config)
     damex_cfg = copy.deepcopy(cfg.model)
     damex_cfg.backbone.init_cfg = None
-    stock_cfg = copy.deepcopy(damex_cfg)
-    stock_cfg.type = 'DINO'
-    stock_cfg.pop('moe', None)
-    stock_cfg.bbox_head.type = 'DINOHead'
+    stock_cfg = stock_dino_config(damex_cfg)
     num_experts = damex_cfg.moe.num_experts
     models = {}
     MMLogger.get_current_instance().setLevel(logging.WARNING)  # no per-parameter init log
