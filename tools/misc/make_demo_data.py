@@ -145,17 +145,29 @@ def write_signs(out: str, num_images: int = 8, size: int = 256) -> None:
             json.dump(dict(images=images, annotations=annotations, categories=categories), f)
 
 
-def make_demo_data(out_dir: str, force: bool = False) -> str:
-    """Write the demo mixture to ``out_dir`` unless it is already there."""
+def write_once(out_dir: str, write, force: bool = False) -> str:
+    """Call ``write(out_dir)`` on an empty ``out_dir`` unless a finished copy is there.
+
+    A ``.complete`` stamp, written last, marks a finished copy, so an interrupted run is
+    redone from scratch rather than leaving half a dataset.
+    """
     stamp = osp.join(out_dir, '.complete')
     if osp.exists(stamp) and not force:
         return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
-    write_trees(osp.join(out_dir, 'trees'))
-    write_aerial(osp.join(out_dir, 'aerial'))
-    write_signs(osp.join(out_dir, 'signs'))
+    write(out_dir)
     open(stamp, 'w').close()
     return out_dir
+
+
+def make_demo_data(out_dir: str, force: bool = False) -> str:
+    """Write the demo mixture to ``out_dir`` unless it is already there."""
+    def write(out):
+        write_trees(osp.join(out, 'trees'))
+        write_aerial(osp.join(out, 'aerial'))
+        write_signs(osp.join(out, 'signs'))
+
+    return write_once(out_dir, write, force)
 
 
 def main():

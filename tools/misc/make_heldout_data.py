@@ -15,13 +15,12 @@ import json
 import math
 import os
 import os.path as osp
-import shutil
 import xml.etree.ElementTree as ET
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from make_demo_data import ROOT, rotated, textured, write_voc
+from make_demo_data import ROOT, rotated, textured, write_once, write_voc
 
 SPLITS = dict(train=(12, 100), val=(6, 200))  # images, seed offset
 
@@ -146,22 +145,20 @@ def traffic_light(rng, draw, size):
 
 
 def make_heldout_data(out_dir: str, force: bool = False) -> str:
-    stamp = osp.join(out_dir, '.complete')
-    if osp.exists(stamp) and not force:
-        return out_dir
-    shutil.rmtree(out_dir, ignore_errors=True)
-    write_trees(osp.join(out_dir, 'trees'))
-    for split, (num, offset) in SPLITS.items():
-        write_dota(osp.join(out_dir, 'aerial'), 11 + offset, split, num, 256,
-                   ((110, 120, 100), 18), plane_or_tank)
-        write_dota(osp.join(out_dir, 'harbor'), 12 + offset, split, num, 256,
-                   ((40, 80, 120), 12), ship)
-        write_coco(osp.join(out_dir, 'signs'), 13 + offset, split, num, 256, ('stop', 'yield'),
-                   sign)
-        write_coco(osp.join(out_dir, 'lights'), 14 + offset, split, num, 256,
-                   ('traffic-light', ), traffic_light)
-    open(stamp, 'w').close()
-    return out_dir
+    """Write the held-out mixture to ``out_dir`` unless it is already there."""
+    def write(out):
+        write_trees(osp.join(out, 'trees'))
+        for split, (num, offset) in SPLITS.items():
+            write_dota(osp.join(out, 'aerial'), 11 + offset, split, num, 256,
+                       ((110, 120, 100), 18), plane_or_tank)
+            write_dota(osp.join(out, 'harbor'), 12 + offset, split, num, 256,
+                       ((40, 80, 120), 12), ship)
+            write_coco(osp.join(out, 'signs'), 13 + offset, split, num, 256,
+                       ('stop', 'yield'), sign)
+            write_coco(osp.join(out, 'lights'), 14 + offset, split, num, 256,
+                       ('traffic-light', ), traffic_light)
+
+    return write_once(out_dir, write, force)
 
 
 def main():
