@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mmdet.registry import MODELS
+from ..losses import z_loss
 from ..optimal_transport import sinkhorn_plan, sparsity_constrained_plan
 from ..routing import (SparseRouting, equal_size_runs, merge_group_routings,
                        sparse_from_expert_choice)
@@ -56,8 +57,9 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
         logits, noisy_logits, _ = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
         factor = self.default_capacity_factor if capacity_factor is None else capacity_factor
-        routings, z_losses = [], []
-        for start, size, count in equal_size_runs(slices):
+        runs = equal_size_runs(slices)
+        routings = []
+        for start, size, count in runs:
             stop = start + size * count
 
             def grouped(t: Tensor) -> Tensor:
@@ -69,12 +71,11 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
             starts = torch.arange(count, device=tokens.device) * size
             routings.append(sparse_from_expert_choice(logits[start:stop], scores, capacity,
                                                       gates[start:stop], starts))
-            if self.use_z_loss:
-                z_losses.append(torch.logsumexp(grouped(logits).float(), dim=-1).pow(2).mean(-1))
-        routing = merge_group_routings(routings, [start for start, _, _ in
-                                                  equal_size_runs(slices)])
-        if self.use_z_loss:  # z-loss of each group, averaged over groups
-            routing.aux_losses['z'] = torch.cat(z_losses).mean()
+        routing = merge_group_routings(routings, [start for start, _, _ in runs])
+        if self.use_z_loss:  # averaged over groups: within a run of equal groups, over tokens
+            per_run = [z_loss(logits[start:start + size * count]) * count
+                       for start, size, count in runs]
+            routing.aux_losses['z'] = torch.stack(per_run).sum() / len(slices)
         return routing
 
 
