@@ -91,6 +91,9 @@ val_dataloader = dict(dataset=dict(_delete_=True, **uodb_mixture('val', {{_base_
 test_dataloader = val_dataloader
 val_evaluator = dict(_delete_=True, type='PerDatasetCocoMetric')
 test_evaluator = val_evaluator
+# Checkpoints that survive a kill at any instant (atomic writes, old ones removed last,
+# resume from the newest complete one); mmdet's checkpoint arguments are unchanged.
+default_hooks = dict(checkpoint=dict(type='CrashSafeCheckpointHook'))
 # Exact resume (random states in checkpoints) and an expert-map check before training.
 custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]
 # Data parallel: every parameter (experts included) gets a gradient in every step, even

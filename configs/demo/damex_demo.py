@@ -84,7 +84,9 @@ param_scheduler = [dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_ite
                         milestones=[int(max_iters * 0.8)], gamma=0.1)]
 default_hooks = dict(
     logger=dict(interval=10),
-    checkpoint=dict(by_epoch=False, interval=max_iters, max_keep_ckpts=1))
+    # atomic writes, old checkpoints removed last, resume from the newest complete one
+    checkpoint=dict(type='CrashSafeCheckpointHook', by_epoch=False, interval=max_iters,
+                    max_keep_ckpts=1))
 log_processor = dict(by_epoch=False)
 auto_scale_lr = dict(enable=False)
 # Exact resume (random states in checkpoints) and an expert-map check before training.

@@ -39,6 +39,16 @@ def read_coco_json(path: str) -> dict:
     if missing:
         raise ValueError(f'{path}: the COCO annotation file has no {", ".join(map(repr, missing))} '
                          f'key (it needs {", ".join(REQUIRED_KEYS)})')
+    id_of_file: Dict[str, object] = {}
+    for image in data['images']:
+        name = image.get('file_name')
+        if name in id_of_file:
+            raise ValueError(
+                f'{path}: image {name!r} is listed under two image ids, {id_of_file[name]!r} '
+                f'and {image.get("id")!r}: its ground truth would be split between two '
+                'samples, each a negative for the other\'s boxes; merge them into one image '
+                'entry (and point the annotations at its id)')
+        id_of_file[name] = image.get('id')
     for ann in data['annotations']:
         for key in ('image_id', 'category_id', 'bbox', 'area'):
             if key not in ann:

@@ -82,12 +82,15 @@ def assign_experts(entries: Sequence[dict], num_experts: Optional[int],
     experts = []
     for i, entry in enumerate(entries):
         name = entry['name']
-        if 'expert' not in entry and plan is not None and name not in plan:
+        given = entry.get('expert') is not None  # expert=None (--cfg-options) unsets it
+        if not given and plan is not None and name not in plan:
             raise ValueError(f'dataset {name!r} is not in the expert plan {plan_file} (it plans '
                              f'{sorted(plan)}); add it there or give it expert=<index>')
-        default = plan[name] if plan is not None else i
-        expert = entry.get('expert', default)
-        if 'expert' not in entry and plan is None and num_experts is not None and i >= num_experts:
+        if given:
+            expert = entry['expert']
+        else:
+            expert = plan[name] if plan is not None else i
+        if not given and plan is None and num_experts is not None and i >= num_experts:
             raise ValueError(f'dataset {name!r} (#{i}) has no expert: the {num_experts} experts '
                              'ran out; give it one with expert=<index> (experts may be shared)')
         if not isinstance(expert, int) or expert < 0 or (

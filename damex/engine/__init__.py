@@ -1,4 +1,6 @@
 """Runner hooks."""
+from .checkpoint import CrashSafeCheckpointHook
 from .hooks import ExpertMapCheckHook, ForcedRoutingHook, RandomStateHook
 
-__all__ = ['ExpertMapCheckHook', 'ForcedRoutingHook', 'RandomStateHook']
+__all__ = ['CrashSafeCheckpointHook', 'ExpertMapCheckHook', 'ForcedRoutingHook',
+           'RandomStateHook']

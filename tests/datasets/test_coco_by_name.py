@@ -158,3 +158,13 @@ def test_no_image_left_after_filtering_names_the_dataset(tmp_path):
     with pytest.raises(ValueError, match=r"dataset 'signs': .*a\.json: no image left"):
         coco_mixture(ann, test_mode=False, metainfo=dict(classes=('stop', 'yield')),
                      filter_cfg=dict(filter_empty_gt=True))
+
+
+def test_one_file_name_under_two_image_ids_is_an_error(tmp_path):
+    images = [dict(IMAGES[0]), dict(IMAGES[1])]
+    images[1]['file_name'] = images[0]['file_name']
+    ann = write_json(tmp_path / 'a.json', images=images)
+    with pytest.raises(ValueError, match=rf"a\.json: image '{images[0]['file_name']}' is listed "
+                                         rf"under two image ids, {images[0]['id']} and "
+                                         rf"{images[1]['id']}"):
+        coco_mixture(ann, metainfo=dict(classes=('stop', 'yield')))

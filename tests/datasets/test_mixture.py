@@ -184,3 +184,18 @@ def test_print_mixture_lists_datasets_and_checks_files(demo_data):
     assert result.returncode == 0, result.stderr[-2000:]
     assert 'aerial        DOTADataset' in result.stdout
     assert 'all files found' in result.stdout
+
+
+def test_expert_none_with_a_plan_that_lacks_the_dataset_names_both(sample_data, tmp_path):
+    plan = tmp_path / 'PLAN.json'
+    plan.write_text('{"experts": {"dota": 1}}')
+    # expert=None is how --cfg-options unsets an expert: the plan must then have the dataset
+    with pytest.raises(ValueError, match=rf"dataset 'trees' is not in the expert plan "
+                                         rf"{plan} \(it plans \['dota'\]\)"):
+        DatasetMixture(num_experts=2, expert_plan=str(plan), datasets=[
+            dict(name='dota', dataset=dota_cfg(sample_data)),
+            dict(name='trees', dataset=trees_cfg(sample_data), expert=None)])
+    planned = DatasetMixture(num_experts=2, expert_plan=str(plan), datasets=[
+        dict(name='dota', dataset=dota_cfg(sample_data), expert=None),
+        dict(name='trees', dataset=trees_cfg(sample_data), expert=0)])
+    assert planned.label_space.experts == (1, 0)

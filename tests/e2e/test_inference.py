@@ -45,9 +45,9 @@ def test_det_inferencer_works_without_dataset_files(trained, monkeypatch):
     assert len(labels) == 20 and all(0 <= label < len(CLASSES) for label in labels)
 
 
-def run_infer(trained, *args):
+def run_infer(trained, *args, inputs='images'):
     return subprocess.run([sys.executable, osp.join(REPO, 'tools/infer.py'), 'model.py',
-                           'model.pth', 'images', '--score-thr', '0', '--device', 'cpu', *args],
+                           'model.pth', inputs, '--score-thr', '0', '--device', 'cpu', *args],
                           cwd=trained, capture_output=True, text=True)
 
 
@@ -82,3 +82,37 @@ def test_infer_tool_with_and_without_a_dataset(trained):
     result = run_infer(trained, '--dataset', 'roads')
     assert result.returncode != 0
     assert "unknown --dataset 'roads'; the model knows trees, aerial, signs" in result.stderr
+
+
+def test_same_stem_inputs_get_distinct_drawings(trained):
+    import mmcv
+    root = trained / 'same_stem'
+    (root / 'sub').mkdir(parents=True)
+    shutil.copy(trained / 'images' / 'street.png', root / 'x.png')
+    shutil.copy(trained / 'images' / 'aerial.png', root / 'sub' / 'x.png')
+    mmcv.imwrite(mmcv.imread(str(trained / 'images' / 'aerial.png')), str(root / 'x.jpg'))
+    result = run_infer(trained, '--out-dir', 'same_out', inputs='same_stem')
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = json.load(open(trained / 'same_out' / 'predictions.json'))
+    assert sorted(osp.relpath(r['path'], root) for r in records) == ['sub/x.png', 'x.jpg', 'x.png']
+    drawings = [trained / 'same_out' / name for name in ('x.png', 'sub/x.png', 'x.jpg')]
+    images = [mmcv.imread(str(path)) for path in drawings]
+    assert [image.shape[:2] for image in images] == [
+        mmcv.imread(str(root / name)).shape[:2] for name in ('x.png', 'sub/x.png', 'x.jpg')]
+    assert images[0].shape != images[1].shape or (images[0] != images[1]).any()
+
+
+def test_a_corrupt_image_is_skipped_and_the_others_are_still_written(trained):
+    root = trained / 'with_corrupt'
+    root.mkdir()
+    shutil.copy(trained / 'images' / 'street.png', root / 'a.png')
+    (root / 'b.png').write_bytes(b'not an image at all')
+    shutil.copy(trained / 'images' / 'aerial.png', root / 'c.png')
+    result = run_infer(trained, '--out-dir', 'corrupt_out', inputs='with_corrupt')
+    assert result.returncode == 1, result.stdout + result.stderr
+    records = json.load(open(trained / 'corrupt_out' / 'predictions.json'))
+    assert [osp.basename(r['path']) for r in records] == ['a.png', 'c.png']
+    assert all(len(r['bboxes']) > 0 for r in records)
+    assert f'skipped {root / "b.png"}: it cannot be read as an image' in result.stderr
+    assert f'1 image(s) skipped, they could not be read:\n  {root / "b.png"}' in result.stderr
+    assert sorted(os.listdir(trained / 'corrupt_out')) == ['a.png', 'c.png', 'predictions.json']

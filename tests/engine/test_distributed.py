@@ -64,17 +64,33 @@ def test_two_processes_batch_one_equal_one_process_batch_two(tmp_path):
         torch.testing.assert_close(ddp_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_dist_train_sh_runs_the_demo_on_two_cpu_processes(demo_data, tmp_path):
+def dist_train(work_dir, port, max_iters, *args):
+    """tools/dist_train.sh on the tiny demo with 2 CPU processes; returns (exit code, output)."""
     result = subprocess.run(
         ['bash', 'tools/dist_train.sh', 'configs/demo/damex_demo.py', '2', '--work-dir',
-         str(tmp_path), '--cfg-options', 'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
-         'default_hooks.checkpoint.interval=2', 'default_hooks.logger.interval=1',
+         str(work_dir), *args, '--cfg-options', f'train_cfg.max_iters={max_iters}',
+         'train_cfg.val_interval=100', 'default_hooks.logger.interval=1',
          'model.encoder.num_layers=1', 'val_dataloader.dataset.datasets.0.dataset.indices=1'],
         cwd=REPO, capture_output=True, text=True, timeout=900,
-        env={**os.environ, 'PYTHON': sys.executable, 'PORT': '29617',
+        env={**os.environ, 'PYTHON': sys.executable, 'PORT': str(port),
              'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'})
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_dist_train_sh_runs_the_demo_on_two_cpu_processes(demo_data, tmp_path):
+    code, output = dist_train(tmp_path, 29617, 2)
+    assert code == 0, output[-4000:]
     assert osp.exists(osp.join(str(tmp_path), 'iter_2.pth'))
     assert 'Distributed training is not used' not in output
     assert 'Distributed training: True' in output
+
+    # resume on two processes when last_checkpoint names a file that is gone: both ranks
+    # take the newest complete checkpoint, only rank 0 writes, no temporary file is left
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_9.pth'))
+    code, output = dist_train(tmp_path, 29618, 3, '--resume')
+    assert code == 0, output[-4000:]
+    assert (f'resume: resuming from {tmp_path / "iter_2.pth"} (skipped iter_9.pth (the file '
+            'does not exist))') in output
+    assert 'resumed epoch: 0, iter: 2' in output
+    assert sorted(n for n in os.listdir(tmp_path) if 'iter_' in n) == ['iter_3.pth']
+    assert (tmp_path / 'last_checkpoint').read_text() == str(tmp_path / 'iter_3.pth')

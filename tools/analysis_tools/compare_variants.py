@@ -99,7 +99,8 @@ def base_config(root, seed, iters, work_dir):
     cfg.param_scheduler = [dict(type='MultiStepLR', by_epoch=False, begin=0, end=iters,
                                 milestones=[int(iters * 0.8)], gamma=0.1)]
     cfg.default_hooks.logger.interval = 5
-    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=iters)
+    cfg.default_hooks.checkpoint = dict(type='CrashSafeCheckpointHook', by_epoch=False,
+                                        interval=iters)
     cfg.randomness = dict(seed=seed)
     return cfg
 

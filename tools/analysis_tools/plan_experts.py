@@ -47,13 +47,15 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
 from mmengine.dataset import pseudo_collate  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
-from mmengine.runner import load_checkpoint, set_random_seed  # noqa: E402
+from mmengine.runner import set_random_seed  # noqa: E402
+from mmengine.runner.checkpoint import _load_checkpoint, _load_checkpoint_to_model  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmdet.registry import DATASETS, MODELS  # noqa: E402
 
 import damex  # noqa: F401,E402
 from damex.datasets import dataset_probabilities  # noqa: E402
+from damex.models.checkpoint_match import describe_mismatch  # noqa: E402
 from damex.models.moe.planning import gate_from_plan, plan_assignment  # noqa: E402
 
 
@@ -197,7 +199,11 @@ def main():
     model_cfg.get('backbone', {}).pop('init_cfg', None) if args.checkpoint else None
     model = MODELS.build(model_cfg)
     if args.checkpoint:
-        load_checkpoint(model, args.checkpoint, map_location='cpu')
+        checkpoint = _load_checkpoint(args.checkpoint, map_location='cpu')
+        problem = describe_mismatch(model, checkpoint.get('state_dict', checkpoint))
+        if problem:  # a partly random model would plan from random features
+            raise SystemExit(f'error: {args.checkpoint} does not fit {args.config}: {problem}')
+        _load_checkpoint_to_model(model, checkpoint)
     else:
         model.init_weights()
     model.eval()

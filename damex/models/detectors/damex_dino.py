@@ -10,6 +10,7 @@ from mmdet.models.detectors import DINO
 from mmdet.registry import MODELS
 from mmdet.structures import OptSampleList, SampleList
 from ...evaluation.routing_stats import routing_telemetry, tokens_per_expert
+from ..checkpoint_match import CheckpointMismatchError, describe_mismatch
 from ..layers import DatasetScopedCdnQueryGenerator
 from ..moe import MoEFFN, routing_targets
 
@@ -50,6 +51,12 @@ class DAMEXDINO(DINO):
     and ``loss_scope='dataset'`` the denoising label noise stays within each image's
     dataset. In ``predict`` each image's routing target is its dataset's expert in the
     *trained* expert map (matched by dataset name), whatever the test mixture says.
+
+    Checkpoints: loading a state dict that does not match the model (missing, unexpected
+    or reshaped keys) is a :class:`CheckpointMismatchError`, whoever loads it (mmengine's
+    runner, ``init_detector``, ``DetInferencer``, torch's ``load_state_dict`` with
+    ``strict=True``), unless ``allow_partial_checkpoint`` is set: damex's checkpoint hook
+    sets it for fine-tuning (``load_from`` in training), which stays non-strict.
     """
 
     def __init__(self, *args, moe: Optional[dict] = None, **kwargs):
@@ -62,6 +69,25 @@ class DAMEXDINO(DINO):
         if getattr(self.bbox_head, 'loss_scope', 'all') == 'dataset':
             # same state, same init: the subclass only changes how noisy labels are drawn
             self.dn_query_generator.__class__ = DatasetScopedCdnQueryGenerator
+        self.allow_partial_checkpoint = False
+        self._register_load_state_dict_pre_hook(self._check_checkpoint)
+
+    def _check_checkpoint(self, state_dict, prefix, *args) -> None:
+        """Pre-hook of every load (mmengine's loader passes strict=True whatever its flag)."""
+        if prefix or self.allow_partial_checkpoint:
+            return
+        problem = describe_mismatch(self, state_dict)
+        if problem:
+            raise CheckpointMismatchError(problem)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """torch's ``load_state_dict``; ``strict=False`` is the caller's choice, as in torch."""
+        allowed, self.allow_partial_checkpoint = self.allow_partial_checkpoint, (
+            self.allow_partial_checkpoint or not strict)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.allow_partial_checkpoint = allowed
 
     def _init_layers(self) -> None:
         super()._init_layers()

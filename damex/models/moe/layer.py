@@ -3,6 +3,7 @@
 Axis letters: B batch, N tokens per image, T = B*N, D embed dims, E experts, K top-k.
 """
 import contextlib
+import inspect
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -264,6 +265,16 @@ def build_router(cfg: dict, embed_dims: int, num_experts: int,
     def build(router_cls):
         if issubclass(router_cls, BaseRouter):  # Soft MoE has no capacity
             cfg.setdefault('capacity_multiple_of', capacity_multiple_of)
+        accepted = inspect.signature(router_cls.__init__).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
+            unknown = [key for key in cfg if key not in accepted]
+            if unknown:
+                raise TypeError(
+                    f'router {router_cls.__name__} does not take {", ".join(unknown)} (it '
+                    f'takes {", ".join(k for k in accepted if k != "self")}); changing only '
+                    f'the router type keeps the old router\'s arguments: replace the whole '
+                    f'router config (router=dict(_delete_=True, type={router_cls.__name__!r}, '
+                    f'...) in a config) or remove those keys')
         return router_cls(**cfg)
 
     if isinstance(router_type, type):

@@ -232,3 +232,12 @@ def test_expert_backward_passes_gradcheck_with_an_idle_expert(act):
     assert torch.autograd.gradcheck(
         lambda t, w, *_: experts.forward_sorted(t, token_index, counts, w),
         (tokens, weight, *params))
+
+
+def test_changing_only_the_router_type_names_the_leftover_arguments():
+    # what `--cfg-options model.moe.router.type=SoftMoERouter` does to the demo's router
+    with pytest.raises(TypeError, match=r"router SoftMoERouter does not take noise_std \(it "
+                                        r"takes embed_dims, num_experts, group_size.*"
+                                        r"_delete_=True, type='SoftMoERouter'"):
+        MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=3,
+               router=dict(type='SoftMoERouter', noise_std=1.0))
