@@ -4,7 +4,9 @@
 # The expert map follows the official DAMEX code: 8 experts; VOC and Comic share
 # COCO's expert, KITTI shares LISA's (both driving scenes).
 # COCO is read from its JSON, DOTA from its txt files (split into 1024 patches with
-# tools/dataset_converters/split_dota.py), the rest from VOC-style XML folders.
+# tools/dataset_converters/split_dota.py), the rest from VOC-layout XML: VOC, Watercolor,
+# Clipart and Comic as distributed, KITTI, WIDER FACE, LISA, Kitchen and DeepLesion as
+# written by tools/dataset_converters/uodb.py (README "Reproducing UODB").
 _base_ = 'mmdet::dino/dino-4scale_r50_8xb2-12e_coco.py'
 custom_imports = dict(imports=['damex'], allow_failed_imports=False)
 
@@ -15,10 +17,12 @@ VOC_CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', '
                'chair', 'cow', 'diningtable', 'dog', 'horse', 'motorbike', 'person',
                'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 ARTISTIC_CLASSES = ('bicycle', 'bird', 'car', 'cat', 'dog', 'person')
-KITCHEN_CLASSES = ('advil_liqui_gels', 'aunt_jemima_original_syrup', 'bumblebee_albacore',
-                   'cholula_chipotle_hot_sauce', 'coca_cola_glass_bottle', 'hunts_sauce',
-                   'mahatma_rice', 'nature_valley_granola_thins_dark_chocolate',
-                   'nutrigrain_harvest_blueberry_bliss', 'pringles_bbq', 'red_bull')
+# GMU Kitchen Scenes' 11 BigBIRD instances (UODB's list)
+KITCHEN_CLASSES = ('coca_cola_glass_bottle', 'coffee_mate_french_vanilla',
+                   'honey_bunches_of_oats_honey_roasted', 'hunts_sauce', 'mahatma_rice',
+                   'nature_valley_soft_baked_oatmeal_squares_cinnamon_brown_sugar',
+                   'nature_valley_sweet_and_salty_nut_almond', 'palmolive_orange',
+                   'pop_secret_light_butter', 'pringles_bbq', 'red_bull')
 
 # mmdet's COCO class names (a COCO dataset in a mixture must name its classes)
 COCO_CLASSES = ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'train',
@@ -35,23 +39,25 @@ COCO_CLASSES = ('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus', 'tr
                 'refrigerator', 'book', 'clock', 'vase', 'scissors', 'teddy bear',
                 'hair drier', 'toothbrush')
 
-# name, classes, expert (h(d)), format
+# name, classes, expert (h(d)), format, image suffix. Formats: 'converted' = a tree written
+# by tools/dataset_converters/uodb.py (0-based coordinates, read as stored); 'voc' = VOC
+# XML as its owners distribute it (1-based: 1 is subtracted, as mmdet does).
 UODB = [
-    ('kitti', ('car', 'pedestrian', 'cyclist'), 5, 'xml'),
-    ('widerface', ('face', ), 7, 'xml'),
-    ('voc', VOC_CLASSES, 1, 'xml'),
-    ('lisa', ('speedlimit', 'stop', 'warning', 'noturn'), 5, 'xml'),
-    ('dota', None, 3, 'dota'),  # DOTA v1.0's 15 classes
-    ('coco', COCO_CLASSES, 1, 'coco'),
-    ('watercolor', ARTISTIC_CLASSES, 6, 'xml'),
-    ('clipart', VOC_CLASSES, 0, 'xml'),
-    ('comic', ARTISTIC_CLASSES, 1, 'xml'),
-    ('kitchen', KITCHEN_CLASSES, 4, 'xml'),
-    ('deeplesion', ('lesion', ), 2, 'xml'),
+    ('kitti', ('car', 'pedestrian', 'cyclist'), 5, 'converted', '.png'),
+    ('widerface', ('face', ), 7, 'converted', '.jpg'),
+    ('voc', VOC_CLASSES, 1, 'voc', '.jpg'),
+    ('lisa', ('speedlimit', 'stop', 'warning', 'noturn'), 5, 'converted', '.png'),
+    ('dota', None, 3, 'dota', None),  # DOTA v1.0's 15 classes
+    ('coco', COCO_CLASSES, 1, 'coco', None),
+    ('watercolor', ARTISTIC_CLASSES, 6, 'voc', '.jpg'),
+    ('clipart', VOC_CLASSES, 0, 'voc', '.jpg'),
+    ('comic', ARTISTIC_CLASSES, 1, 'voc', '.jpg'),
+    ('kitchen', KITCHEN_CLASSES, 4, 'converted', '.png'),
+    ('deeplesion', ('lesion', ), 2, 'converted', '.png'),
 ]
 
 
-def _dataset(name, classes, fmt, split):
+def _dataset(name, classes, fmt, split, img_suffix):
     root = data_root + name + '/'
     test_mode = split != 'train'
     if fmt == 'coco':
@@ -64,17 +70,18 @@ def _dataset(name, classes, fmt, split):
         return dict(type='DOTADataset', data_root=root, test_mode=test_mode,
                     ann_file=f'{split}/labelTxt/', data_prefix=dict(img_path=f'{split}/images/'),
                     backend_args=backend_args)
-    return dict(type='XMLDataset', data_root=root, test_mode=test_mode,
+    return dict(type='UODBXMLDataset', data_root=root, test_mode=test_mode,
                 ann_file=f'ImageSets/Main/{split}.txt', data_prefix=dict(sub_data_root=''),
-                metainfo=dict(classes=classes),
-                filter_cfg=dict(filter_empty_gt=False), backend_args=backend_args)
+                metainfo=dict(classes=classes), img_suffix=img_suffix,
+                one_based=fmt == 'voc', filter_cfg=dict(filter_empty_gt=False),
+                backend_args=backend_args)
 
 
 def uodb_mixture(split, pipeline):
     # `pipeline` applies to every dataset; mmdet's DetInferencer reads the test one here
     return dict(type='DatasetMixture', num_experts=8, pipeline=pipeline, datasets=[
-        dict(name=name, expert=expert, dataset=_dataset(name, classes, fmt, split))
-        for name, classes, expert, fmt in UODB])
+        dict(name=name, expert=expert, dataset=_dataset(name, classes, fmt, split, suffix))
+        for name, classes, expert, fmt, suffix in UODB])
 
 
 # 3 + 1 + 20 + 4 + 15 + 80 + 6 + 20 + 6 + 11 + 1 = 167 classes (disjoint union; the

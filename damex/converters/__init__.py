@@ -1,0 +1,1 @@
+"""Offline converters from datasets' own formats into the layouts damex's configs read."""
