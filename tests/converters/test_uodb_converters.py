@@ -314,3 +314,22 @@ def test_cli_prints_the_fate_table(kitti_src, tmp_path):
                              str(kitti_src), '--out', str(tmp_path / 'out')],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 1 and '000000.txt:1: a KITTI label line has 15 fields' in result.stderr
+
+
+@pytest.mark.slow
+def test_print_mixture_reports_a_converted_tree(kitti_src, tmp_path):
+    convert('kitti', str(kitti_src), str(tmp_path / 'uodb' / 'kitti'))
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'damex',
+                                   'damex-dino-e8_r50_4scale_8xb2-12e_uodb.py'))
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.datasets = [e for e in loader.dataset.datasets if e.name == 'kitti']
+        loader.dataset.datasets[0].dataset.data_root = str(tmp_path / 'uodb' / 'kitti') + '/'
+    cfg.model.bbox_head.num_classes = 3
+    cfg.dump(str(tmp_path / 'kitti_only.py'))
+    result = subprocess.run([sys.executable, 'tools/misc/print_mixture.py',
+                             str(tmp_path / 'kitti_only.py'), '--check-images'],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert 'boxes: car 1, pedestrian 0 (+1 ignored), cyclist 1' in result.stdout
+    assert 'boxes: car 1, pedestrian 0, cyclist 0' in result.stdout  # val
+    assert 'all files found' in result.stdout

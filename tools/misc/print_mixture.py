@@ -3,7 +3,8 @@
     python tools/misc/print_mixture.py CONFIG [--check-images]
 
 For each of the train / val / test dataloaders: every dataset's name, type, size,
-classes, offset in the unified label space and expert; then the unified classes. Exits
+classes, offset in the unified label space and expert, and its boxes per class (ignored
+ones counted apart); then the unified classes. Exits
 with status 1, listing the problems, if an annotation file or image is missing, or if the
 model does not fit the mixture (``model.bbox_head.num_classes`` against the unified label
 space, ``model.moe.num_experts`` against the expert map: the checks ExpertMapCheckHook
@@ -11,6 +12,7 @@ runs before training). ``--check-images`` also decodes every image, fully, and l
 unreadable ones (corrupt or truncated files) with their paths.
 """
 import argparse
+import collections
 import os.path as osp
 import sys
 
@@ -57,6 +59,19 @@ def check_files(dataset, check_images: bool = False) -> list:
     return problems
 
 
+def boxes_per_class(dataset, classes) -> str:
+    """'car 12 (+1 ignored), face 3, ...' over every loaded box of the dataset."""
+    counts = collections.Counter()
+    for i in range(len(dataset)):
+        for inst in dataset.get_data_info(i).get('instances', []):
+            counts[(inst['bbox_label'], bool(inst.get('ignore_flag', 0)))] += 1
+    parts = []
+    for label, name in enumerate(classes):
+        ignored = f' (+{counts[(label, True)]} ignored)' if counts[(label, True)] else ''
+        parts.append(f'{name} {counts[(label, False)]}{ignored}')
+    return ', '.join(parts)
+
+
 def check_model(split: str, space, model_cfg, trained) -> list:
     """The model-against-mixture checks, from the config alone (no model is built).
 
@@ -92,6 +107,7 @@ def describe(split: str, dataset_cfg: dict, model_cfg: dict, trained=None,
     for entry, dataset in zip(space.datasets, mixture.datasets):
         print(f'  {entry.name:<14}{type(dataset).__name__:<20}{len(dataset):>7}'
               f'{len(entry.classes):>9}{entry.offset:>8}{entry.expert:>8}')
+        print(f'    boxes: {boxes_per_class(dataset, entry.classes)}')
         problems += [f'{split}/{entry.name}: {p}'
                      for p in check_files(dataset, check_images)]
     print(f'  unified classes: {", ".join(space.classes)}')
