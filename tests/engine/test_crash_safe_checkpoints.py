@@ -21,7 +21,7 @@ TRAIN = [sys.executable, 'tools/train.py', 'configs/demo/damex_demo.py', '--cfg-
          'model.dn_cfg.group_cfg.num_dn_queries=10']
 # 6 kills 0-300 ms after checkpoint K's temporary or final file appears (inside its write
 # or just after), 4 at other instants of training (well after a checkpoint)
-KILL_DELAYS = [0.0, 0.06, 0.12, 0.18, 0.24, 0.3]
+KILL_DELAYS = [0.0, 0.01, 0.02, 0.05, 0.1, 0.3]
 LATE_DELAYS = [0.5, 0.8, 1.1, 1.5]
 
 
