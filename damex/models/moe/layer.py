@@ -181,9 +181,9 @@ class MoEFFN(BaseModule):
         """Sort the assignments by expert, run each expert on its slice, scatter back."""
         order = torch.argsort(routing.expert_index, stable=True)
         token_index = routing.token_index[order]
-        counts = torch.bincount(routing.expert_index, minlength=self.num_experts).tolist()
-        expert_out = self.experts.forward_sorted(tokens, token_index, counts,
-                                                 routing.combine_weight[order])
+        counts = torch.bincount(routing.expert_index, minlength=self.num_experts)
+        expert_out = self.experts.forward_sorted(tokens, token_index, routing.expert_index[order],
+                                                 counts, routing.combine_weight[order])
         # index_put(accumulate) keeps only the index for backward (index_add keeps the source)
         # (under autocast the experts' output is in autocast's dtype, as a dense FFN's)
         return expert_out.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,

@@ -220,18 +220,62 @@ def test_memory_saving_expert_backward_equals_autograd(act):
 
 @pytest.mark.parametrize('act', ['ReLU', 'GELU'])
 def test_expert_backward_passes_gradcheck_with_an_idle_expert(act):
-    """Float64 gradcheck of the fused experts, one expert getting no tokens, repeated tokens."""
-    from damex.models.moe.experts import StackedExperts
+    """Float64 gradcheck of the fused experts, one expert getting no tokens, repeated tokens
+    (float64 takes the per-expert path: grouped_mm has no float64 kernel; the grouped path
+    is compared with a per-expert loop below)."""
+    embed = 6
+    from damex.models.moe.experts import StackedExperts, grouped_gemm_ok
     torch.manual_seed(0)
-    experts = StackedExperts(4, 6, 10, act_cfg=dict(type=act)).double()
-    tokens = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    experts = StackedExperts(4, embed, 10, act_cfg=dict(type=act)).double()
+    tokens = torch.randn(7, embed, dtype=torch.float64, requires_grad=True)
+    assert not grouped_gemm_ok(tokens, experts.fc1_weight)
     token_index = torch.tensor([0, 3, 5, 1, 2, 3, 4, 6, 0])  # token 3 and 0 go to two experts
-    counts = [3, 0, 4, 2]
+    expert_index = torch.tensor([0, 0, 0, 2, 2, 2, 2, 3, 3])
+    counts = torch.tensor([3, 0, 4, 2])
     weight = torch.rand(9, dtype=torch.float64, requires_grad=True)
     params = list(experts.parameters())
     assert torch.autograd.gradcheck(
-        lambda t, w, *_: experts.forward_sorted(t, token_index, counts, w),
+        lambda t, w, *_: experts.forward_sorted(t, token_index, expert_index, counts, w),
         (tokens, weight, *params))
+
+
+def per_expert_reference(experts, tokens, token_index, expert_index, weight):
+    """Every assignment through its expert with F.linear, one at a time."""
+    rows = [experts.expert(int(e), tokens[int(t)]) * w for t, e, w in
+            zip(token_index, expert_index, weight)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.bfloat16, None)])
+def test_grouped_gemm_experts_equal_a_per_expert_loop(dtype, tolerance):
+    from damex.models.moe.experts import StackedExperts, grouped_gemm_ok
+    torch.manual_seed(0)
+    experts = StackedExperts(4, 16, 32)
+    tokens = torch.randn(12, 16)
+    expert_index = torch.tensor([0] * 5 + [2] * 4 + [3] * 3)  # expert 1 idle
+    token_index = torch.randperm(12)
+    counts = torch.bincount(expert_index, minlength=4)
+    weight = torch.rand(12)
+    results = []
+    for fused in (True, False):
+        experts.zero_grad()
+        t = tokens.clone().requires_grad_()
+        w = weight.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            assert grouped_gemm_ok(t, experts.fc1_weight)
+            if fused:
+                out = experts.forward_sorted(t, token_index, expert_index, counts, w)
+            else:
+                out = per_expert_reference(experts, t, token_index, expert_index, w)
+        assert out.dtype == dtype
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append([out.float(), t.grad, w.grad] + [p.grad.clone() for p in experts.parameters()])
+    assert results[0][3 + 0][1].abs().sum() == 0 and results[0][3 + 2][1].abs().sum() == 0  # idle
+    for a, b in zip(*results):
+        if tolerance is None:  # bf16: a few ulps of the values' scale
+            torch.testing.assert_close(a, b, rtol=2 ** -6, atol=2 ** -6 * b.abs().max().item())
+        else:
+            torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 def test_changing_only_the_router_type_names_the_leftover_arguments():
