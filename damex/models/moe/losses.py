@@ -1,7 +1,9 @@
 """Auxiliary routing losses, each a small function that cites where it comes from.
 
-Axis letters: T tokens (all tokens of a forward, flattened), E experts, K top-k.
-All functions return an unweighted scalar tensor; the detector applies the weights.
+Axis letters: T tokens of a routing group, E experts, K top-k. Every function takes
+(T, E) for one group or (G, T, E) for G groups of equal size, computes the loss of each
+group and returns the mean over groups: an unweighted scalar; the detector applies the
+weights.
 """
 import torch
 import torch.nn.functional as F
@@ -9,9 +11,10 @@ from torch import Tensor
 
 
 def cv_squared(values: Tensor) -> Tensor:
-    """Squared coefficient of variation, Var/Mean^2 with the population variance (as V-MoE)."""
-    mean = values.mean()
-    return values.var(unbiased=False) / (mean * mean + 1e-10)
+    """Squared coefficient of variation over the last dim, Var/Mean^2 with the population
+    variance (as V-MoE)."""
+    mean = values.mean(dim=-1)
+    return values.var(dim=-1, unbiased=False) / (mean * mean + 1e-10)
 
 
 def importance_loss(gates: Tensor) -> Tensor:
@@ -20,7 +23,7 @@ def importance_loss(gates: Tensor) -> Tensor:
     gates: (T, E) softmax of the clean router logits (before noise), in training and in
     eval, as V-MoE ("importance loss is applied before adding noise").
     """
-    return cv_squared(gates.sum(dim=0))
+    return cv_squared(gates.sum(dim=-2)).mean()
 
 
 def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int) -> Tensor:
@@ -33,13 +36,13 @@ def load_loss(logits: Tensor, noisy_logits: Tensor, noise_std: float, top_k: int
 
     logits, noisy_logits: (T, E); noise_std: the std actually used (already divided by E).
     """
-    threshold = noisy_logits.topk(top_k, dim=-1).values[:, -1:]
+    threshold = noisy_logits.topk(top_k, dim=-1).values[..., -1:]
     noise_required_to_win = threshold - logits
     # no argument validation: non-finite logits reach the layer's check, which names the layer
     normal = torch.distributions.Normal(logits.new_zeros(()), logits.new_tensor(noise_std),
                                         validate_args=False)
     prob = 1.0 - normal.cdf(noise_required_to_win)
-    return cv_squared(prob.mean(dim=0))
+    return cv_squared(prob.mean(dim=-2)).mean()
 
 
 def switch_loss(gates: Tensor) -> Tensor:
@@ -49,8 +52,8 @@ def switch_loss(gates: Tensor) -> Tensor:
     gates: (T, E) router probabilities.
     """
     num_experts = gates.shape[-1]
-    fraction = F.one_hot(gates.argmax(dim=-1), num_experts).to(gates.dtype).mean(dim=0)
-    return num_experts * (fraction * gates.mean(dim=0)).sum()
+    fraction = F.one_hot(gates.argmax(dim=-1), num_experts).to(gates.dtype).mean(dim=-2)
+    return (num_experts * (fraction * gates.mean(dim=-2)).sum(dim=-1)).mean()
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -61,6 +64,7 @@ def z_loss(logits: Tensor) -> Tensor:
 def damex_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """DAMEX loss (Jain et al. 2023): cross-entropy of every token's logits to its dataset's expert.
 
-    logits: (T, E) router logits before noise; targets: (T,) expert index h(d) of each token.
+    logits: (..., T, E) router logits before noise; targets: (..., T) expert index h(d) of
+    each token (groups of equal size: the mean over tokens is the mean over groups).
     """
-    return F.cross_entropy(logits.float(), targets)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))

@@ -93,38 +93,55 @@ def top_k_assignment(scores: Tensor, top_k: int, capacity: Optional[int],
     Slots are filled first choices first (all tokens' first choice, then all second
     choices, ...), tokens in their own order or by descending ``priority`` (batch
     prioritized routing, Riquelme et al. 2021). A choice that finds its expert full is
-    dropped. scores: (T, E). Returns expert_index (T, K) and kept (T, K) bool.
+    dropped. scores: (T, E) for one routing group or (G, T, E) for G groups of equal size
+    routed at once (capacity per group), priority (T,) / (G, T). Returns expert_index and
+    kept, (T, K) / (G, T, K); kept is None when there is no capacity (nothing dropped).
     """
     expert_index = stable_topk(scores, top_k)
-    kept = torch.ones_like(expert_index, dtype=torch.bool)
     if capacity is None:
-        return expert_index, kept
-    num_tokens, num_experts = scores.shape
-    order = (torch.argsort(priority, descending=True, stable=True) if priority is not None
-             else torch.arange(num_tokens, device=scores.device))
-    choices = expert_index[order].t().reshape(-1)  # (K*T,) choice-major, in priority order
+        return expert_index, None
+    if scores.dim() == 2:
+        index, kept = top_k_assignment(scores[None], top_k, capacity,
+                                       None if priority is None else priority[None])
+        return index[0], kept[0]
+    num_groups, num_tokens, num_experts = scores.shape
+    if priority is not None:
+        order = torch.argsort(priority, dim=-1, descending=True, stable=True)
+    else:
+        order = torch.arange(num_tokens, device=scores.device).expand(num_groups, num_tokens)
+    order = order[..., None].expand(-1, -1, top_k)
+    # (G, K*T) choice-major, tokens in priority order
+    choices = expert_index.gather(1, order).transpose(1, 2).reshape(num_groups, -1)
     one_hot = F.one_hot(choices, num_experts)
-    position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1
-    kept_ordered = (position < capacity).reshape(top_k, num_tokens).t()
-    kept[order] = kept_ordered
+    position = (one_hot.cumsum(dim=1) * one_hot).sum(dim=-1) - 1
+    kept_ordered = (position < capacity).reshape(num_groups, top_k, num_tokens).transpose(1, 2)
+    kept = torch.empty_like(kept_ordered).scatter_(1, order, kept_ordered)
     return expert_index, kept
 
 
-def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Tensor,
+def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Optional[Tensor],
                              gates: Tensor) -> SparseRouting:
-    """Build the assignments of a token-choice routing; combine weight = gates[t, e]."""
+    """Build the assignments of a token-choice routing; combine weight = gates[t, e].
+
+    ``kept`` None: every choice is kept (no capacity), which needs no data-dependent
+    selection (no host sync).
+    """
     num_tokens, top_k = expert_index.shape
     token_index = torch.arange(num_tokens, device=logits.device).repeat_interleave(top_k)
     flat_expert = expert_index.reshape(-1)
+    weight = gates.gather(1, expert_index)
+    if kept is None:
+        return SparseRouting(logits=logits, token_index=token_index, expert_index=flat_expert,
+                             combine_weight=weight.reshape(-1),
+                             info=dict(expert_index=expert_index, gates=weight.detach()))
     flat_kept = kept.reshape(-1)
-    weight = gates.gather(1, expert_index).reshape(-1)
     dropped = torch.where(kept, expert_index, torch.full_like(expert_index, -1))
-    chosen_gates = torch.where(kept, gates.gather(1, expert_index), torch.zeros_like(gates[:, :top_k]))
+    chosen_gates = torch.where(kept, weight, torch.zeros_like(weight))
     return SparseRouting(
         logits=logits,
         token_index=token_index[flat_kept],
         expert_index=flat_expert[flat_kept],
-        combine_weight=weight[flat_kept],
+        combine_weight=weight.reshape(-1)[flat_kept],
         info=dict(expert_index=dropped, gates=chosen_gates))
 
 
@@ -155,6 +172,32 @@ def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity
         expert_index=expert_index.reshape(-1),
         combine_weight=weight.reshape(-1),
         info=dict(expert_tokens=token_index, expert_gates=weight.detach()))
+
+
+def routed_in_runs(route, tokens_total: int, slices: Sequence[Tuple[int, int]]):
+    """Call ``route(start, size, count)`` once per run of equal routing groups.
+
+    The groups must cover the tokens in order (as :func:`group_slices` makes them); returns
+    the runs and the list of what ``route`` returned.
+    """
+    runs = equal_size_runs(slices)
+    position = 0
+    for start, size, count in runs:
+        if start != position:
+            break
+        position = start + size * count
+    if position != tokens_total:
+        raise ValueError(f'routing groups must cover the {tokens_total} tokens in order, got '
+                         f'{list(slices)[:4]}...')
+    return runs, [route(start, size, count) for start, size, count in runs]
+
+
+def mean_over_groups(runs: Sequence[Tuple[int, int, int]], values: Sequence[Tensor]) -> Tensor:
+    """The mean over all groups from each run's mean over its groups."""
+    if len(runs) == 1:
+        return values[0]
+    total = sum(count for _, _, count in runs)
+    return torch.stack([v * count for v, (_, _, count) in zip(values, runs)]).sum() / total
 
 
 def equal_size_runs(slices: Sequence[Tuple[int, int]]) -> List[Tuple[int, int, int]]:

@@ -286,3 +286,64 @@ def test_forced_routing_with_soft_moe_is_an_error():
     layer.force_targets = True
     with pytest.raises(ValueError, match='Soft MoE'):
         layer(torch.randn(2, 8, D), routing_targets=torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize('router, extra', [
+    ('SoftmaxTokenChoiceRouter', dict(top_k=2, use_switch_loss=True, use_z_loss=True,
+                                      batch_prioritized=True)),
+    ('DatasetAwareRouter', dict(use_balance_loss=True, use_z_loss=True)),
+    ('SinkhornTokenChoiceRouter', dict(top_k=2, use_z_loss=True))])
+def test_token_choice_ragged_groups_equal_routing_each_group_alone(router, extra):
+    """One batched call over groups of 10, 10 and 4 tokens equals one call per group:
+    expert index, gates, kept mask (capacity per group) and every aux loss (averaged)."""
+    from damex.models.moe.routers.token_choice import (DatasetAwareRouter,
+                                                       SinkhornTokenChoiceRouter,
+                                                       SoftmaxTokenChoiceRouter)
+    cls = dict(SoftmaxTokenChoiceRouter=SoftmaxTokenChoiceRouter,
+               DatasetAwareRouter=DatasetAwareRouter,
+               SinkhornTokenChoiceRouter=SinkhornTokenChoiceRouter)[router]
+    torch.manual_seed(4)
+    module = cls(D, 4, noise_std=0.0, **extra).train()  # noise off: both calls see the same gates
+    tokens = torch.randn(24, D)
+    targets = torch.randint(0, 4, (24, ))
+    slices = group_slices(2, 12, 10)
+    assert [stop - start for start, stop in slices] == [10, 10, 4]
+    batched = module(tokens, targets, 1.0, groups=slices)
+    alone = [module(tokens[start:stop], targets[start:stop], 1.0) for start, stop in slices]
+    for key in ('expert_index', 'gates'):
+        torch.testing.assert_close(batched.info[key], torch.cat([a.info[key] for a in alone]))
+    assert (batched.info['expert_index'] == -1).any()  # the capacity dropped some choices
+    assert batched.token_index.tolist() == torch.cat(
+        [a.token_index + start for a, (start, _) in zip(alone, slices)]).tolist()
+    assert set(batched.aux_losses) == set(alone[0].aux_losses) and batched.aux_losses
+    for key, value in batched.aux_losses.items():
+        torch.testing.assert_close(value, torch.stack([a.aux_losses[key] for a in alone]).mean(),
+                                   msg=key)
+
+
+def count_top_level_ops(layer, x, targets=None) -> int:
+    """aten ops of one forward + backward whose parent is not an aten op (kernel launches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x, routing_targets=targets).sum().backward()
+    return sum(1 for e in prof.profiler.function_events if e.name.startswith('aten::') and (
+        e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
+
+
+@pytest.mark.parametrize('router', ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter',
+                                    'SinkhornTokenChoiceRouter', 'SoftmaxExpertChoiceRouter',
+                                    'SinkhornExpertChoiceRouter',
+                                    'SparsityConstrainedExpertChoiceRouter'])
+def test_op_count_does_not_grow_with_images_or_experts(router):
+    """One router call per layer and grouped-GEMM experts: as many ops for 8 images as for
+    2, and for 16 experts as for 4 (per-image routing groups, training mode)."""
+    def ops(images, experts):
+        torch.manual_seed(0)
+        torch.manual_seed(0)
+        cfg = dict(type=router)
+        layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=experts,
+                       router=cfg).train()
+        x = torch.randn(images, 32, D, requires_grad=True)
+        return count_top_level_ops(layer, x, torch.arange(images) % experts)
+
+    assert abs(ops(8, 4) - ops(2, 4)) <= 2
+    assert abs(ops(2, 16) - ops(2, 4)) <= 2

@@ -1,6 +1,6 @@
 """Token-choice routers: every token picks its experts (V-MoE, DAMEX, Sinkhorn token choice)."""
 import json
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -9,7 +9,8 @@ from mmdet.registry import MODELS
 from ..losses import damex_loss, importance_loss, load_loss, switch_loss, z_loss
 from ..optimal_transport import sinkhorn_plan
 from ..planning import gate_from_plan
-from ..routing import SparseRouting, sparse_from_token_choice, top_k_assignment
+from ..routing import (SparseRouting, mean_over_groups, routed_in_runs,
+                       sparse_from_token_choice, top_k_assignment)
 from .base import BaseRouter
 
 
@@ -54,32 +55,57 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
     def requires_targets(self) -> bool:  # type: ignore[override]
         return self.use_damex_loss
 
+    #: the layer hands over all routing groups at once (one call per layer and forward).
+    takes_groups = True
+
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
-                capacity_factor: Optional[float] = None) -> SparseRouting:
-        """tokens: (T, D) of one group; targets: (T,) expert per token or None."""
+                capacity_factor: Optional[float] = None,
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
+        """tokens: (T, D); targets: (T,) expert per token or None; groups: the layer's
+        routing groups as (start, stop) ranges covering the tokens in order (default: one).
+
+        Groups of equal size are routed in one batched pass; capacities, batch priority and
+        losses are per group, the losses averaged over groups.
+        """
+        slices = groups if groups is not None else [(0, tokens.shape[0])]
         logits, noisy_logits, std = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
-        capacity = self.capacity(tokens.shape[0], capacity_factor, self.top_k)
-        priority = gates.max(dim=-1).values if self.batch_prioritized else None
-        expert_index, kept = top_k_assignment(gates, self.top_k, capacity, priority)
-        routing = sparse_from_token_choice(logits, expert_index, kept, gates)
-        routing.aux_losses = self.losses(logits, noisy_logits, gates, std, targets)
+
+        def route(start, size, count):
+            run = gates[start:start + size * count].view(count, size, -1)
+            capacity = self.capacity(size, capacity_factor, self.top_k)
+            priority = run.max(dim=-1).values if self.batch_prioritized else None
+            expert_index, kept = top_k_assignment(run, self.top_k, capacity, priority)
+            return expert_index.flatten(0, 1), None if kept is None else kept.flatten(0, 1)
+
+        runs, assigned = routed_in_runs(route, tokens.shape[0], slices)
+        routing = sparse_from_token_choice(
+            logits, torch.cat([index for index, _ in assigned]),
+            None if assigned[0][1] is None else torch.cat([kept for _, kept in assigned]), gates)
+        routing.aux_losses = self.losses(runs, logits, noisy_logits, gates, std, targets)
         return routing
 
-    def losses(self, logits: Tensor, noisy_logits: Tensor, gates: Tensor, std: float,
+    def losses(self, runs, logits: Tensor, noisy_logits: Tensor, gates: Tensor, std: float,
                targets: Optional[Tensor]) -> dict:
+        """Each loss per routing group, averaged over groups."""
+        def per_group(fn, *tensors):
+            return mean_over_groups(runs, [
+                fn(*(t[start:start + size * count].view(count, size, *t.shape[1:])
+                     for t in tensors)) for start, size, count in runs])
+
         losses = {}
         if self.use_importance_loss:
             clean_gates = gates if noisy_logits is logits else logits.float().softmax(dim=-1)
-            losses['importance'] = importance_loss(clean_gates)
+            losses['importance'] = per_group(importance_loss, clean_gates)
         if self.use_load_loss and std > 0:
-            losses['load'] = load_loss(logits.float(), noisy_logits.float(), std, self.top_k)
+            losses['load'] = per_group(lambda a, b: load_loss(a, b, std, self.top_k),
+                                       logits.float(), noisy_logits.float())
         if self.use_switch_loss:
-            losses['switch'] = switch_loss(gates)
+            losses['switch'] = per_group(switch_loss, gates)
         if self.use_z_loss:
-            losses['z'] = z_loss(logits)
+            losses['z'] = per_group(z_loss, logits)
         if self.use_damex_loss and targets is not None:
-            losses['damex'] = damex_loss(logits, targets)
+            losses['damex'] = per_group(damex_loss, logits, targets)
         return losses
 
 
@@ -148,14 +174,30 @@ class SinkhornTokenChoiceRouter(BaseRouter):
         self.top_k = top_k
         self.num_iters = num_iters
 
+    takes_groups = True
+
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
-                capacity_factor: Optional[float] = None) -> SparseRouting:
+                capacity_factor: Optional[float] = None,
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
+        """As :meth:`SoftmaxTokenChoiceRouter.forward`: groups of equal size share one
+        batched Sinkhorn solve; each group's plan balances its own tokens."""
+        slices = groups if groups is not None else [(0, tokens.shape[0])]
         logits, noisy_logits, _ = self.gate_logits(tokens)
-        plan = sinkhorn_plan(noisy_logits.detach(), self.num_iters)
-        capacity = self.capacity(tokens.shape[0], capacity_factor, self.top_k)
-        expert_index, kept = top_k_assignment(plan, self.top_k, capacity)
-        routing = sparse_from_token_choice(logits, expert_index, kept, logits.float().softmax(-1))
-        routing.info['plan'] = plan
+
+        def route(start, size, count):
+            plan = sinkhorn_plan(noisy_logits[start:start + size * count].detach()
+                                 .view(count, size, -1), self.num_iters)
+            capacity = self.capacity(size, capacity_factor, self.top_k)
+            expert_index, kept = top_k_assignment(plan, self.top_k, capacity)
+            return (plan.flatten(0, 1), expert_index.flatten(0, 1),
+                    None if kept is None else kept.flatten(0, 1))
+
+        runs, solved = routed_in_runs(route, tokens.shape[0], slices)
+        kept = None if solved[0][2] is None else torch.cat([k for _, _, k in solved])
+        routing = sparse_from_token_choice(logits, torch.cat([i for _, i, _ in solved]), kept,
+                                           logits.float().softmax(-1))
+        routing.info['plan'] = torch.cat([p for p, _, _ in solved])
         if self.use_z_loss:
-            routing.aux_losses['z'] = z_loss(logits)
+            routing.aux_losses['z'] = mean_over_groups(runs, [
+                z_loss(logits[start:start + size * count]) for start, size, count in runs])
         return routing
