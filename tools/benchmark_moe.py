@@ -1,7 +1,7 @@
 """Benchmark the MoE FFN layer against a dense FFN and a GShard-style one-hot einsum MoE.
 
     python tools/benchmark_moe.py [--tokens 8192 22000] [--experts 4 8] [--top-k 1 2]
-                                  [--routers ...] [--repeats 5] [--device cpu|cuda]
+                                  [--routers ...] [--repeats 5] [--warmup 1] [--device cpu|cuda]
                                   [--dtype fp32|bf16|fp16] [--json results.json]
 
 Forward + backward, side by side and interleaved in one run; every ratio is the median of
@@ -14,6 +14,11 @@ per-repeat ratios (paired runs cancel machine drift). Columns:
   router).
 - ``mem``: MoEFFN's activation memory over the dense FFN's: on CPU the bytes autograd saves
   for backward (what dominates the peak of a forward+backward); on CUDA the peak allocated.
+- ``ops``: top-level aten ops of one MoE / dense forward+backward (each a kernel launch on
+  a GPU; with per-image routing groups they depend neither on the batch nor on E).
+``--warmup N`` runs every layer N untimed steps first: with router noise the tokens per
+expert change every step, and oneDNN builds a GEMM primitive per new shape, so bf16 on a
+CPU needs ~20 steps to reach its steady state.
 ``--dtype bf16`` / ``fp16`` run both layers (float32 parameters) under ``torch.autocast``,
 as mmengine's ``AmpOptimWrapper`` does.
 Needs only torch, mmengine and mmcv's FFN (mmcv-lite is enough).
@@ -28,6 +33,7 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from damex.models.moe import MoEFFN, upcycle_from_ffn
+from damex.models.moe.op_count import count_top_level_ops
 
 ROUTERS = ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter',
            'SoftmaxExpertChoiceRouter', 'SinkhornExpertChoiceRouter',
@@ -133,8 +139,9 @@ def bench(router, tokens, experts, top_k, args, dtype):
         runs['moe_cf'] = lambda: capped(x, routing_targets=targets)
         runs['einsum'] = lambda: einsum_moe(capped, x, targets)
     runs = {name: under_autocast(fn, device, dtype) for name, fn in runs.items()}
-    for fn in runs.values():  # warm up
-        run_step(fn, device)
+    for _ in range(args.warmup):  # steady state: router noise changes the shapes every step
+        for fn in runs.values():
+            run_step(fn, device)
     times = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, fn in runs.items():  # interleaved
@@ -143,7 +150,9 @@ def bench(router, tokens, experts, top_k, args, dtype):
     row = dict(router=router, tokens=tokens, experts=experts, top_k=top_k,
                dense_ms=1e3 * statistics.median(times['dense']),
                moe_ms=1e3 * statistics.median(times['moe']), moe_over_dense=ratio,
-               memory_ratio=memory(runs['moe'], moe, device) / memory(runs['dense'], dense, device))
+               memory_ratio=memory(runs['moe'], moe, device) / memory(runs['dense'], dense, device),
+               moe_ops=count_top_level_ops(lambda: runs['moe']().float().sum().backward()),
+               dense_ops=count_top_level_ops(lambda: runs['dense']().float().sum().backward()))
     if 'einsum' in runs:
         row['einsum_over_moe'] = statistics.median(
             e / m for e, m in zip(times['einsum'], times['moe_cf']))
@@ -161,6 +170,8 @@ def main():
     parser.add_argument('--hidden', type=int, default=2048)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=1,
+                        help='untimed steps of every layer first (20 for a bf16 steady state)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                         help='bf16 / fp16: both layers under torch.autocast')
@@ -172,7 +183,7 @@ def main():
     print(f'device {args.device}, {args.dtype}, D={args.dims}, H={args.hidden}, '
           f'median of {args.repeats} interleaved fwd+bwd')
     header = (f'{"router":<38}{"tokens":>7}{"E":>3}{"k":>3}{"dense ms":>10}{"moe ms":>9}'
-              f'{"moe/dense":>10}{"mem":>6}{"einsum/moe":>11}')
+              f'{"moe/dense":>10}{"mem":>6}{"ops":>11}{"einsum/moe":>11}')
     print(header)
     for router in args.routers:
         ks = args.top_k if router in TOKEN_CHOICE and router != 'DatasetAwareRouter' else [1]
@@ -185,7 +196,8 @@ def main():
                               else f'{"":>11}')
                     print(f'{router:<38}{tokens:>7}{experts:>3}{top_k:>3}{row["dense_ms"]:>10.1f}'
                           f'{row["moe_ms"]:>9.1f}{row["moe_over_dense"]:>9.2f}x'
-                          f'{row["memory_ratio"]:>5.2f}x{einsum}', flush=True)
+                          f'{row["memory_ratio"]:>5.2f}x'
+                          f'{row["moe_ops"]:>6}/{row["dense_ops"]:<4}{einsum}', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(device=args.device, dtype=args.dtype, rows=rows), f, indent=1)

@@ -53,6 +53,14 @@ class MoEFFN(BaseModule):
         (B, N, K), -1 and 0 where a choice was dropped; expert choice ``expert_tokens``
         and ``expert_gates`` (E, C) (token index into B*N per expert slot); Soft MoE
         ``dispatch_weights`` (G, M, S), ``combine_weights`` (B, N, S), ``group_index``.
+
+    Cost: one router call per forward (all routing groups batched) and, for sparse
+    routers, one grouped GEMM pair for all experts, so the number of ops depends neither
+    on the batch size nor on E. Host syncs per forward: the finiteness check of the
+    router logits (one bool, so that a diverged router fails naming the layer), the range
+    check of routing targets when given (min / max), and, only when a capacity drops
+    assignments, the selection of the kept ones (a data-dependent size). Experts that
+    ``grouped_mm`` refuses (see ``experts.grouped_gemm_ok``) read their split sizes back.
     """
 
     def __init__(self, embed_dims: int = 256, feedforward_channels: int = 1024,
@@ -181,7 +189,9 @@ class MoEFFN(BaseModule):
         """Sort the assignments by expert, run each expert on its slice, scatter back."""
         order = torch.argsort(routing.expert_index, stable=True)
         token_index = routing.token_index[order]
-        counts = torch.bincount(routing.expert_index, minlength=self.num_experts)
+        # (bincount would read its input's maximum back to the host on CUDA)
+        counts = routing.expert_index.new_zeros(self.num_experts).index_add_(
+            0, routing.expert_index, torch.ones_like(routing.expert_index))
         expert_out = self.experts.forward_sorted(tokens, token_index, routing.expert_index[order],
                                                  counts, routing.combine_weight[order])
         # index_put(accumulate) keeps only the index for backward (index_add keeps the source)

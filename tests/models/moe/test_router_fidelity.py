@@ -10,6 +10,7 @@ import torch
 
 from damex.models.moe import MoEFFN, compute_capacity
 from damex.models.moe.losses import importance_loss
+from damex.models.moe.op_count import count_top_level_ops
 from damex.models.moe.optimal_transport import sinkhorn_plan, sparsity_constrained_plan
 from damex.models.moe.routing import (group_slices, sparse_from_expert_choice, stable_topk,
                                       top_k_assignment)
@@ -321,14 +322,6 @@ def test_token_choice_ragged_groups_equal_routing_each_group_alone(router, extra
                                    msg=key)
 
 
-def count_top_level_ops(layer, x, targets=None) -> int:
-    """aten ops of one forward + backward whose parent is not an aten op (kernel launches)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        layer(x, routing_targets=targets).sum().backward()
-    return sum(1 for e in prof.profiler.function_events if e.name.startswith('aten::') and (
-        e.cpu_parent is None or not e.cpu_parent.name.startswith('aten::')))
-
-
 @pytest.mark.parametrize('router', ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter',
                                     'SinkhornTokenChoiceRouter', 'SoftmaxExpertChoiceRouter',
                                     'SinkhornExpertChoiceRouter',
@@ -343,7 +336,8 @@ def test_op_count_does_not_grow_with_images_or_experts(router):
         layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=experts,
                        router=cfg).train()
         x = torch.randn(images, 32, D, requires_grad=True)
-        return count_top_level_ops(layer, x, torch.arange(images) % experts)
+        targets = torch.arange(images) % experts
+        return count_top_level_ops(lambda: layer(x, routing_targets=targets).sum().backward())
 
     assert abs(ops(8, 4) - ops(2, 4)) <= 2
     assert abs(ops(2, 16) - ops(2, 4)) <= 2
