@@ -1,7 +1,8 @@
 """Stock mmdet DINO vs DAMEX-DINO, same config otherwise: step time, inference, memory.
 
     python tools/benchmark_detector.py [--config configs/damex/damex-dino-e8_r50_4scale_8xb2-12e_uodb.py]
-                                       [--size 512] [--batch 2] [--repeats 3] [--json out.json]
+                                       [--size 512] [--batch 2] [--repeats 3] [--warmup 1]
+                                       [--json out.json]
                                        [--device cpu|cuda] [--dtype fp32|bf16|fp16]
 
 Also times the routing telemetry the detector logs every training step (its share of the
@@ -10,6 +11,9 @@ DAMEX train step, which includes it). Both models are built from the same config
 ratio is the median of per-repeat ratios. Memory: parameters + gradients + the activation
 bytes autograd saves for backward (CPU; CUDA: peak allocated) of one training step.
 ``--dtype bf16`` / ``fp16``: both models under ``torch.autocast`` (as AmpOptimWrapper).
+The ratio's spread (min - max over repeats) is printed beside it: with bf16 on a CPU,
+oneDNN builds GEMM primitives for new shapes in the first steps, so take ``--warmup 3``
+or more and quote a ratio only when its spread is small.
 """
 import contextlib
 import argparse
@@ -99,6 +103,8 @@ def main():
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                         help='bf16 / fp16: both models under torch.autocast')
+    parser.add_argument('--warmup', type=int, default=1,
+                        help='untimed train + inference steps of each model first')
     parser.add_argument('--json')
     args = parser.parse_args()
     dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
@@ -148,9 +154,10 @@ def main():
         with torch.no_grad(), precision():
             model.predict(inputs, copy.deepcopy(samples))
 
-    for model in models.values():  # warm up
-        train(model)
-        infer(model)
+    for _ in range(args.warmup):
+        for model in models.values():
+            train(model)
+            infer(model)
     times = {(n, kind): [] for n in models for kind in ('train', 'infer')}
     for _ in range(args.repeats):
         for kind, fn in (('train', train), ('infer', infer)):
@@ -167,14 +174,16 @@ def main():
     rows = {}
     print(f'{args.config}: {args.size}x{args.size}, batch {args.batch}, {args.device}, {args.dtype}, '
           f'median of {args.repeats} interleaved repeats')
-    print(f'{"":<14}{"stock DINO":>12}{"DAMEX-DINO":>12}{"ratio":>8}')
+    print(f'{"":<14}{"stock DINO":>12}{"DAMEX-DINO":>12}{"ratio":>8}  spread')
     for kind in ('train', 'infer'):
-        ratio = statistics.median(d / s for d, s in zip(times[('damex', kind)],
-                                                        times[('stock', kind)]))
+        ratios = [d / s for d, s in zip(times[('damex', kind)], times[('stock', kind)])]
+        ratio = statistics.median(ratios)
         stock, ours = (statistics.median(times[(n, kind)]) for n in ('stock', 'damex'))
-        rows[kind] = dict(stock_s=stock, damex_s=ours, ratio=ratio)
+        rows[kind] = dict(stock_s=stock, damex_s=ours, ratio=ratio,
+                          ratio_min=min(ratios), ratio_max=max(ratios))
         label = 'train step s' if kind == 'train' else 'inference s'
-        print(f'{label:<14}{stock:>12.2f}{ours:>12.2f}{ratio:>7.3f}x')
+        print(f'{label:<14}{stock:>12.2f}{ours:>12.2f}{ratio:>7.3f}x  '
+              f'{min(ratios):.3f}-{max(ratios):.3f}')
     telemetry_share = telemetry_s / rows['train']['damex_s']
     rows['telemetry'] = dict(seconds=telemetry_s, share_of_train_step=telemetry_share)
     print(f'{"telemetry ms":<14}{"":>12}{1e3 * telemetry_s:>12.2f}{100 * telemetry_share:>7.2f}% '
