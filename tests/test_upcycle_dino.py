@@ -35,8 +35,8 @@ def dense_source(tmp_path, cfg):
     return model.eval(), path
 
 
-def target_config(tmp_path, num_experts, classes):
-    cfg = tiny_demo_config(tmp_path / 'work', num_experts=num_experts)
+def target_config(tmp_path, num_experts, classes, **moe):
+    cfg = tiny_demo_config(tmp_path / 'work', num_experts=num_experts, **moe)
     cfg.model.backbone.init_cfg = None
     cfg.model.bbox_head.num_classes = len(classes)
     cfg.train_dataloader.dataset = dict(
@@ -54,11 +54,16 @@ def convert(tool, monkeypatch, *args):
     tool.main()
 
 
-def test_one_expert_model_computes_what_the_dense_model_computes(tool, tmp_path, monkeypatch,
-                                                                 demo_data, capsys):
+@pytest.mark.parametrize('num_experts, moe', [
+    (1, {}),  # one expert: gate 1, the expert is the dense FFN
+    (3, dict(shared_expert=dict(feedforward_channels=512))),  # shared = dense, experts' fc2 0
+])
+def test_converted_model_computes_what_the_dense_model_computes(tool, tmp_path, monkeypatch,
+                                                                demo_data, capsys, num_experts,
+                                                                moe):
     shuffled = COCO[:]
     random.Random(0).shuffle(shuffled)  # the unified order differs from the source's
-    cfg, config = target_config(tmp_path, 1, shuffled)
+    cfg, config = target_config(tmp_path, num_experts, shuffled, **moe)
     dense, source = dense_source(tmp_path, cfg)
     convert(tool, monkeypatch, source, config, tmp_path / 'out.pth')
     assert 'coco' in capsys.readouterr().out
@@ -66,7 +71,7 @@ def test_one_expert_model_computes_what_the_dense_model_computes(tool, tmp_path,
     model.load_state_dict(torch.load(tmp_path / 'out.pth')['state_dict'], strict=True)
     model.eval()
     bench = load_tool('tools/benchmark_detector.py')
-    inputs, samples = bench.synthetic_batch(128, 1, 80, 1)
+    inputs, samples = bench.synthetic_batch(128, 1, 80, num_experts)
     with torch.no_grad():
         dense_cls, dense_box = dense(inputs, copy.deepcopy(samples), mode='tensor')
         moe_cls, moe_box = model(inputs, copy.deepcopy(samples), mode='tensor')

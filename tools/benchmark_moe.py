@@ -2,7 +2,8 @@
 
     python tools/benchmark_moe.py [--tokens 8192 22000] [--experts 4 8] [--top-k 1 2]
                                   [--routers ...] [--repeats 5] [--warmup 1] [--device cpu|cuda]
-                                  [--dtype fp32|bf16|fp16] [--json results.json]
+                                  [--dtype fp32|bf16|fp16] [--shared-expert H_S]
+                                  [--json results.json]
 
 Forward + backward, side by side and interleaved in one run; every ratio is the median of
 per-repeat ratios (paired runs cancel machine drift). Columns:
@@ -116,7 +117,7 @@ def under_autocast(fn, device, dtype):
     return run
 
 
-def bench(router, tokens, experts, top_k, args, dtype):
+def bench(router, tokens, experts, top_k, args, dtype, shared=None):
     device = args.device
     torch.manual_seed(0)
     dense = FFN(embed_dims=args.dims, feedforward_channels=args.hidden).to(device)
@@ -124,8 +125,10 @@ def bench(router, tokens, experts, top_k, args, dtype):
     if router in TOKEN_CHOICE and router != 'DatasetAwareRouter':
         router_cfg['top_k'] = top_k
     moe = MoEFFN(embed_dims=args.dims, feedforward_channels=args.hidden, num_experts=experts,
-                 router=router_cfg).to(device)
-    upcycle_from_ffn(moe, dense)
+                 router=router_cfg,
+                 shared_expert=shared and dict(feedforward_channels=shared)).to(device)
+    if not shared:  # a narrower shared expert cannot start from the dense FFN
+        upcycle_from_ffn(moe, dense)
     batch = args.batch
     x = torch.randn(batch, tokens // batch, args.dims, device=device)
     x.requires_grad_(True)
@@ -147,7 +150,8 @@ def bench(router, tokens, experts, top_k, args, dtype):
         for name, fn in runs.items():  # interleaved
             times[name].append(run_step(fn, device))
     ratio = statistics.median(m / d for m, d in zip(times['moe'], times['dense']))
-    row = dict(router=router, tokens=tokens, experts=experts, top_k=top_k,
+    row = dict(router=router + (f'+shared{shared}' if shared else ''), tokens=tokens,
+               experts=experts, top_k=top_k,
                dense_ms=1e3 * statistics.median(times['dense']),
                moe_ms=1e3 * statistics.median(times['moe']), moe_over_dense=ratio,
                memory_ratio=memory(runs['moe'], moe, device) / memory(runs['dense'], dense, device),
@@ -176,6 +180,8 @@ def main():
     parser.add_argument('--dtype', choices=('fp32', 'bf16', 'fp16'), default='fp32',
                         help='bf16 / fp16: both layers under torch.autocast')
     parser.add_argument('--no-einsum', dest='einsum', action='store_false')
+    parser.add_argument('--shared-expert', type=int, default=0, metavar='H_S',
+                        help='also a row per router with a shared expert of this width')
     parser.add_argument('--json', help='also write the rows (ratios included) to this file')
     args = parser.parse_args()
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
@@ -189,12 +195,13 @@ def main():
         ks = args.top_k if router in TOKEN_CHOICE and router != 'DatasetAwareRouter' else [1]
         for tokens in args.tokens:
             for experts in args.experts:
-                for top_k in ks:
-                    row = bench(router, tokens, experts, top_k, args, dtype)
+                for top_k, shared in [(k, None) for k in ks] + (
+                        [(1, args.shared_expert)] if args.shared_expert else []):
+                    row = bench(router, tokens, experts, top_k, args, dtype, shared)
                     rows.append(row)
                     einsum = (f'{row["einsum_over_moe"]:>10.1f}x' if 'einsum_over_moe' in row
                               else f'{"":>11}')
-                    print(f'{router:<38}{tokens:>7}{experts:>3}{top_k:>3}{row["dense_ms"]:>10.1f}'
+                    print(f'{row["router"]:<38}{tokens:>7}{experts:>3}{top_k:>3}{row["dense_ms"]:>10.1f}'
                           f'{row["moe_ms"]:>9.1f}{row["moe_over_dense"]:>9.2f}x'
                           f'{row["memory_ratio"]:>5.2f}x'
                           f'{row["moe_ops"]:>6}/{row["dense_ops"]:<4}{einsum}', flush=True)

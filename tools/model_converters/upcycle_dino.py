@@ -6,7 +6,9 @@
 Writes a checkpoint that ``load_from`` takes without a size warning:
 - every weight of the source whose name and shape the config's model shares is copied;
 - every MoE layer's experts are copied from the source FFN of the same layer (sparse
-  upcycling); routers keep their init;
+  upcycling); with a shared expert (``moe.shared_expert``) the source FFN becomes the
+  shared expert and the routed experts get its fc1 and a zero output layer, so the
+  converted model computes exactly what the dense one does; routers keep their init;
 - the class-dependent tensors (the 7 classification branches ``bbox_head.cls_branches.*``,
   weight rows and bias, and the denoising label embedding
   ``dn_query_generator.label_embedding.weight``): for every unified class of the config's
@@ -40,6 +42,7 @@ from mmdet.registry import DATASETS, MODELS
 
 import damex  # noqa: F401
 from damex.datasets import LabelSpace
+from damex.models.moe.layer import DENSE_TO_EXPERT, upcycled_tensors
 
 #: class-dependent tensors: one row per class
 CLASS_KEYS = re.compile(r'^(bbox_head\.cls_branches\.\d+\.(weight|bias)|'
@@ -47,8 +50,6 @@ CLASS_KEYS = re.compile(r'^(bbox_head\.cls_branches\.\d+\.(weight|bias)|'
 #: a dense FFN's keys and the stacked-expert tensor each goes to
 DENSE_FFN = re.compile(r'^(?P<layer>.+\.ffn)\.(?P<key>layers\.0\.0\.weight|layers\.0\.0\.bias|'
                        r'layers\.1\.weight|layers\.1\.bias)$')
-EXPERT_OF = {'layers.0.0.weight': 'fc1_weight', 'layers.0.0.bias': 'fc1_bias',
-             'layers.1.weight': 'fc2_weight', 'layers.1.bias': 'fc2_bias'}
 
 
 def source_classes(checkpoint: dict, option: Optional[str]) -> List[str]:
@@ -108,13 +109,16 @@ def upcycle(source: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor],
                 raise ValueError(f'source key {key}: shape {tuple(value.shape)}, the config\'s '
                                  f'model has {tuple(out[key].shape)}')
             out[key] = value.clone()
-        elif dense and f'{dense["layer"]}.experts.{EXPERT_OF[dense["key"]]}' in out:
-            expert_key = f'{dense["layer"]}.experts.{EXPERT_OF[dense["key"]]}'
-            experts = out[expert_key]
+        elif dense and f'{dense["layer"]}.experts.{DENSE_TO_EXPERT[dense["key"]]}' in out:
+            layer = dense['layer']
+            experts = out[f'{layer}.experts.{DENSE_TO_EXPERT[dense["key"]]}']
             if experts.shape[1:] != value.shape:
                 raise ValueError(f'source key {key}: shape {tuple(value.shape)}, the experts of '
-                                 f'{dense["layer"]} have {tuple(experts.shape[1:])}')
-            out[expert_key] = value.unsqueeze(0).expand_as(experts).clone()
+                                 f'{layer} have {tuple(experts.shape[1:])}')
+            shared = f'{layer}.shared_expert.{dense["key"]}' in out
+            for name, tensor in upcycled_tensors(dense['key'], value, experts.shape[0],
+                                                 shared).items():
+                out[f'{layer}.{name}'] = tensor
         else:
             raise ValueError(f'source key {key}: the config\'s model has no such tensor and it is '
                              'no dense FFN weight of an MoE layer; nothing would carry it over')

@@ -23,6 +23,7 @@ DEFAULT_MOE = dict(
     eval_capacity_factor=None,
     capacity_multiple_of=1,
     group_size='image',  # routing groups: an image's boxes never depend on its batch-mates
+    shared_expert=None,  # or dict(feedforward_channels=H_s): a dense path beside the experts
     # V-MoE weighs importance and load 0.005 each; DAMEX 0.1 (official code).
     aux_loss_weights=dict(damex=0.1, importance=0.005, load=0.005, switch=0.01, z=0.001),
 )
@@ -34,7 +35,8 @@ class DAMEXDINO(DINO):
 
     Args:
         moe: ``dict(num_experts, router, encoder_layers, decoder_layers, capacity_factor,
-            eval_capacity_factor, capacity_multiple_of, group_size, aux_loss_weights)``
+            eval_capacity_factor, capacity_multiple_of, group_size, shared_expert,
+            aux_loss_weights)``
             (see :class:`~damex.models.moe.MoEFFN`); missing keys take ``DEFAULT_MOE``.
             ``moe=None`` keeps every FFN dense (plain DINO).
 
@@ -114,6 +116,7 @@ class DAMEXDINO(DINO):
             eval_capacity_factor=self.moe_cfg['eval_capacity_factor'],
             capacity_multiple_of=self.moe_cfg['capacity_multiple_of'],
             group_size=self.moe_cfg['group_size'],
+            shared_expert=self.moe_cfg['shared_expert'],
             act_cfg=ffn_cfg.get('act_cfg', dict(type='ReLU', inplace=True)),
             ffn_drop=ffn_cfg.get('ffn_drop', 0.0),
             add_identity=ffn_cfg.get('add_identity', True))

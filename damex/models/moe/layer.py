@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from mmcv.cnn.bricks.drop import build_dropout
+from mmcv.cnn.bricks.transformer import FFN
 from mmengine.model import BaseModule
 from mmdet.registry import MODELS
 from . import routers as _routers
@@ -41,6 +42,12 @@ class MoEFFN(BaseModule):
             capacity), ``'batch'`` (all B*N tokens of the forward in one group), or an
             int (consecutive groups of that many tokens, as the reference). Routers and
             capacities work per group; auxiliary losses are averaged over groups.
+        shared_expert: None (default: no shared path) or ``dict(feedforward_channels=H_s)``
+            (other mmcv ``FFN`` arguments may be given; act_cfg and ffn_drop default to the
+            experts'): a dense FFN every token passes through, its output added to the
+            routed experts' combined output inside the same residual, so a token dropped by a
+            capacity still gets identity + shared (DeepSeekMoE's shared experts; the base
+            model of "Revisiting single-gated MoE").
         num_fcs, act_cfg, ffn_drop, dropout_layer, add_identity, init_cfg: as mmcv's FFN
             (only ``num_fcs=2``).
 
@@ -68,7 +75,7 @@ class MoEFFN(BaseModule):
                  capacity_factor: Optional[float] = None,
                  eval_capacity_factor: Optional[float] = None,
                  capacity_multiple_of: int = 1, group_size: GroupSize = 'image',
-                 num_fcs: int = 2,
+                 shared_expert: Optional[dict] = None, num_fcs: int = 2,
                  act_cfg: dict = dict(type='ReLU', inplace=True), ffn_drop: float = 0.0,
                  dropout_layer: Optional[dict] = None, add_identity: bool = True,
                  init_cfg: Optional[dict] = None):
@@ -92,6 +99,13 @@ class MoEFFN(BaseModule):
         self.router = build_router(router, embed_dims, num_experts, capacity_multiple_of)
         self.experts = StackedExperts(num_experts, embed_dims, feedforward_channels,
                                       act_cfg, ffn_drop)
+        self.shared_expert = None
+        if shared_expert is not None:
+            if 'feedforward_channels' not in shared_expert:
+                raise ValueError('shared_expert needs its width: dict(feedforward_channels=H_s)')
+            self.shared_expert = FFN(**{**dict(embed_dims=embed_dims, act_cfg=act_cfg,
+                                               ffn_drop=ffn_drop), **shared_expert,
+                                        'add_identity': False})
         self.dropout_layer = build_dropout(dropout_layer) if dropout_layer else nn.Identity()
         self.add_identity = add_identity
         self.aux_losses: Dict[str, Tensor] = {}
@@ -133,6 +147,8 @@ class MoEFFN(BaseModule):
         else:
             out = self._sparse_forward(tokens, routing)
         out = out.view_as(x)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
         self.aux_losses = routing.aux_losses
         self.last_routing = self._routing_summary(routing, batch, num_tokens, targets)
         if not self.add_identity:
@@ -238,7 +254,7 @@ class MoEFFN(BaseModule):
         """Accept a dense mmcv FFN's keys (``layers.0.0.*``, ``layers.1.*``): upcycle them.
 
         So a dense checkpoint (e.g. mmdet's DINO) loads into a model whose FFN became an
-        MoE layer, every expert starting from the dense weights; the router keeps its init.
+        MoE layer, as :func:`upcycled_tensors` says; the router keeps its init.
         A checkpoint whose layer has another number of experts is an error naming the layer
         and both counts (not a size-mismatch warning among hundreds of log lines).
         """
@@ -249,14 +265,12 @@ class MoEFFN(BaseModule):
                 f'{layer}: the checkpoint has {saved.shape[0]} experts, the model '
                 f'{self.num_experts} (model.moe.num_experts); resume or load with the same '
                 'number of experts')
-        dense_keys = {'fc1_weight': 'layers.0.0.weight', 'fc1_bias': 'layers.0.0.bias',
-                      'fc2_weight': 'layers.1.weight', 'fc2_bias': 'layers.1.bias'}
         if (prefix + 'experts.fc1_weight' not in state_dict
-                and prefix + dense_keys['fc1_weight'] in state_dict):
-            for name, dense_key in dense_keys.items():
-                value = state_dict.pop(prefix + dense_key)
-                state_dict[prefix + 'experts.' + name] = value.unsqueeze(0).expand(
-                    self.num_experts, *value.shape).clone()
+                and prefix + 'layers.0.0.weight' in state_dict):
+            for dense_key in DENSE_TO_EXPERT:
+                state_dict.update({prefix + key: value for key, value in upcycled_tensors(
+                    dense_key, state_dict.pop(prefix + dense_key), self.num_experts,
+                    self.shared_expert is not None).items()})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -329,16 +343,39 @@ def routing_targets(model: nn.Module, targets: Optional[Tensor]) -> Iterator[Non
             layer.context_targets = None
 
 
+DENSE_TO_EXPERT = {'layers.0.0.weight': 'fc1_weight', 'layers.0.0.bias': 'fc1_bias',
+                   'layers.1.weight': 'fc2_weight', 'layers.1.bias': 'fc2_bias'}
+
+
+def upcycled_tensors(dense_key: str, value: Tensor, num_experts: int,
+                     shared: bool) -> Dict[str, Tensor]:
+    """What one tensor of a dense mmcv FFN (its key, e.g. ``layers.0.0.weight``) becomes in
+    an MoE layer (keys relative to the layer).
+
+    Without a shared expert every expert starts as the dense FFN (sparse upcycling: the
+    layer computes gate * dense). With one, the shared expert is the dense FFN and the
+    experts start with its fc1 but their output layer (fc2 weight and bias) at zero, so the
+    layer computes exactly what the dense FFN computes, whatever the router does.
+    """
+    stacked = value.unsqueeze(0).expand(num_experts, *value.shape).clone()
+    if not shared:
+        return {'experts.' + DENSE_TO_EXPERT[dense_key]: stacked}
+    if dense_key.startswith('layers.1.'):
+        stacked.zero_()
+    return {'experts.' + DENSE_TO_EXPERT[dense_key]: stacked,
+            'shared_expert.' + dense_key: value.clone()}
+
+
 @torch.no_grad()
 def upcycle_from_ffn(moe_layer: MoEFFN, ffn: nn.Module) -> None:
-    """Copy a dense mmcv ``FFN``'s weights into every expert of ``moe_layer`` (sparse upcycling)."""
-    fc1, fc2 = ffn.layers[0][0], ffn.layers[1]
-    experts = moe_layer.experts
-    if fc1.weight.shape != experts.fc1_weight.shape[1:] or fc2.weight.shape != experts.fc2_weight.shape[1:]:
-        raise ValueError(f'cannot upcycle an FFN with fc1 {tuple(fc1.weight.shape)} / fc2 '
-                         f'{tuple(fc2.weight.shape)} into experts of '
-                         f'{tuple(experts.fc1_weight.shape[1:])} / {tuple(experts.fc2_weight.shape[1:])}')
-    experts.fc1_weight.copy_(fc1.weight.expand_as(experts.fc1_weight))
-    experts.fc1_bias.copy_(fc1.bias.expand_as(experts.fc1_bias))
-    experts.fc2_weight.copy_(fc2.weight.expand_as(experts.fc2_weight))
-    experts.fc2_bias.copy_(fc2.bias.expand_as(experts.fc2_bias))
+    """Start ``moe_layer`` from a dense mmcv ``FFN`` as :func:`upcycled_tensors` says."""
+    dense = ffn.state_dict()
+    own = moe_layer.state_dict()
+    for dense_key in DENSE_TO_EXPERT:
+        for key, value in upcycled_tensors(dense_key, dense[dense_key], moe_layer.num_experts,
+                                           moe_layer.shared_expert is not None).items():
+            if own[key].shape != value.shape:
+                raise ValueError(f'cannot upcycle an FFN whose {dense_key} is '
+                                 f'{tuple(dense[dense_key].shape)} into {key} of '
+                                 f'{tuple(own[key].shape)}')
+            own[key].copy_(value)

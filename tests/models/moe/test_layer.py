@@ -287,3 +287,60 @@ def test_changing_only_the_router_type_names_the_leftover_arguments():
                                         r"_delete_=True, type='SoftMoERouter'"):
         MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=3,
                router=dict(type='SoftMoERouter', noise_std=1.0))
+
+
+def shared_reference(layer, tokens):
+    """The shared expert written out with plain matrix products."""
+    fc1, fc2 = layer.shared_expert.layers[0][0], layer.shared_expert.layers[1]
+    return torch.relu(tokens @ fc1.weight.t() + fc1.bias) @ fc2.weight.t() + fc2.bias
+
+
+@pytest.mark.parametrize('router', SPARSE_ROUTERS)
+def test_shared_expert_adds_a_dense_path_inside_the_residual(router):
+    """identity + shared(x) + sum of routed expert outputs, by hand; gradients too; with a
+    capacity, a dropped token gets identity + shared."""
+    layer = make_layer(router, capacity_factor=0.5, shared_expert=dict(feedforward_channels=24))
+    layer.train()
+    captured = capture_routing(layer)
+    x = torch.randn(2, 9, D, requires_grad=True)
+    targets = torch.tensor([1, 2])
+    out = layer(x, routing_targets=targets)
+    routing = captured['routing']
+    tokens = x.reshape(-1, D)
+    rows = [tokens[t] + shared_reference(layer, tokens[t]) for t in range(len(tokens))]
+    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(),
+                       routing.combine_weight):
+        rows[t] = rows[t] + w * expert_reference(layer, e, tokens[t])
+    expected = torch.stack(rows)
+    torch.testing.assert_close(out.reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
+    dropped = ~layer.last_routing['dispatch_mask'].reshape(-1, layer.num_experts).any(-1)
+    assert dropped.any()  # capacity 0.5 drops some tokens
+    torch.testing.assert_close(out.reshape(-1, D)[dropped], (tokens + shared_reference(
+        layer, tokens))[dropped], rtol=1e-5, atol=1e-5)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    params = [x] + [p for p in layer.parameters() if p.requires_grad]
+    got = torch.autograd.grad((out * weights).sum(), params, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad((expected.view_as(out) * weights).sum(), params, allow_unused=True)
+    for name, a, b in zip(['x'] + [n for n, p in layer.named_parameters() if p.requires_grad],
+                          got, want):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert layer.shared_expert.layers[0][0].weight.grad is None  # autograd.grad: no .grad
+
+
+def test_upcycled_layer_with_a_shared_expert_computes_the_dense_ffn():
+    torch.manual_seed(0)
+    dense = FFN(embed_dims=D, feedforward_channels=H)
+    layer = make_layer('DatasetAwareRouter', shared_expert=dict(feedforward_channels=H)).train()
+    upcycle_from_ffn(layer, dense)
+    x = torch.randn(2, 9, D)
+    torch.testing.assert_close(layer(x, routing_targets=torch.tensor([0, 3])), dense(x),
+                               rtol=1e-6, atol=1e-6)
+    assert layer.experts.fc2_weight.abs().max() == 0
+    torch.testing.assert_close(layer.experts.fc1_weight[2], dense.layers[0][0].weight)
+    # a dense checkpoint loaded into the layer gives the same start
+    fresh = make_layer('DatasetAwareRouter', shared_expert=dict(feedforward_channels=H)).eval()
+    fresh.load_state_dict({**dense.state_dict(), 'router.gate.weight': fresh.router.gate.weight})
+    torch.testing.assert_close(fresh(x), dense(x), rtol=1e-6, atol=1e-6)
