@@ -43,7 +43,8 @@ def routing_telemetry(last_routing: Dict[str, Optional[Tensor]],
       (1.0 = balanced);
     - ``drop_rate``: share of token choices dropped by a capacity (token choice), or of
       tokens no expert took (expert choice); 0 for Soft MoE;
-    - ``entropy``: mean entropy (nats) of the router's softmax over experts.
+    - ``entropy``: mean entropy (nats) of the router's softmax over experts;
+    - ``bias_spread``: max - min of the aux-free balancing bias (``balance='aux_free'``).
     dataset_ids: (B,) dataset of each image (default: the targets stand in for them).
     """
     logits = last_routing['logits'].float()  # (B, N, E)
@@ -58,6 +59,9 @@ def routing_telemetry(last_routing: Dict[str, Optional[Tensor]],
         stats['drop_rate'] = (last_routing['expert_index'] < 0).float().mean()
     else:  # expert choice: tokens that no expert took
         stats['drop_rate'] = (~mask.any(-1)).float().mean()
+    if last_routing.get('expert_bias') is not None:
+        bias = last_routing['expert_bias']
+        stats['bias_spread'] = bias.max() - bias.min()
     load = mask.sum((0, 1)).float()
     stats['load_max_over_mean'] = load.max() / load.mean().clamp(min=1e-12)
     targets = last_routing.get('targets')

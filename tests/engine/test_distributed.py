@@ -64,6 +64,36 @@ def test_two_processes_batch_one_equal_one_process_batch_two(tmp_path):
         torch.testing.assert_close(ddp_grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def aux_free_worker(rank, world_size, port, out_file):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=world_size)
+    from damex.models.moe import MoEFFN
+    torch.manual_seed(0)  # the same initial model on both ranks
+    layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=E,
+                   router=dict(type='SoftmaxTokenChoiceRouter', balance='aux_free',
+                               bias_update_rate=0.01)).train()
+    torch.manual_seed(100 + rank)  # each rank its own tokens: different local loads
+    local = []
+    for _ in range(3):
+        x = torch.randn(1, 12, D) + (3.0 if rank else -3.0) * layer.router.gate.weight[rank]
+        layer(x.detach())
+        local.append(torch.bincount(layer.last_routing['expert_index'].reshape(-1),
+                                    minlength=E))
+    torch.save(dict(bias=layer.router.expert_bias.clone(), loads=torch.stack(local)),
+               f'{out_file}.{rank}')
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_aux_free_bias_is_the_same_on_every_rank(tmp_path):
+    out_file = str(tmp_path / 'bias')
+    mp.spawn(aux_free_worker, args=(2, 29619, out_file), nprocs=2, join=True)
+    ranks = [torch.load(f'{out_file}.{rank}') for rank in range(2)]
+    assert not torch.equal(ranks[0]['loads'], ranks[1]['loads'])  # the local loads differ
+    assert torch.equal(ranks[0]['bias'], ranks[1]['bias'])  # the bias does not
+    assert ranks[0]['bias'].abs().sum() > 0
+
+
 def dist_train(work_dir, port, max_iters, *args):
     """tools/dist_train.sh on the tiny demo with 2 CPU processes; returns (exit code, output)."""
     result = subprocess.run(

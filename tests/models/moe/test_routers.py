@@ -205,3 +205,56 @@ def test_damex_router_learns_dataset_to_expert_map():
     for d in range(2):
         accuracy = (chosen[datasets == d] == expert_of[d]).float().mean().item()
         assert accuracy >= 0.95, (d, accuracy)
+
+
+def aux_free_router(**kwargs):
+    from damex.models.moe.routers.token_choice import SoftmaxTokenChoiceRouter
+    torch.manual_seed(0)
+    return SoftmaxTokenChoiceRouter(8, 4, noise_std=0.0, balance='aux_free', **kwargs)
+
+
+def test_aux_free_bias_moves_towards_balance_and_is_fixed_in_eval():
+    router = aux_free_router(bias_update_rate=0.05).train()
+    assert not router.use_importance_loss and not router.use_load_loss
+    tokens = torch.randn(64, 8) + 3 * router.gate.weight[0].detach()  # skewed to expert 0
+    loads = []
+    for _ in range(12):
+        routing = router(tokens)
+        loads.append(torch.bincount(routing.expert_index, minlength=4))
+        assert routing.aux_losses == {}
+    assert loads[0][0] == loads[0].max() and loads[0].max() > 2 * loads[0].float().mean()
+    assert router.expert_bias[0] < 0 and (router.expert_bias[1:] > 0).any()
+    assert loads[-1].max() < loads[0].max()  # more balanced than at the start
+    # the combine weights stay the unbiased gates
+    gates = router.gate_logits(tokens)[1].float().softmax(-1)
+    torch.testing.assert_close(routing.combine_weight,
+                               gates[routing.token_index, routing.expert_index])
+    router.eval()
+    bias = router.expert_bias.clone()
+    router(tokens)
+    assert torch.equal(router.expert_bias, bias)
+    # a buffer: in the state dict, restored bit-exactly
+    fresh = aux_free_router(bias_update_rate=0.05)
+    fresh.load_state_dict(router.state_dict())
+    assert torch.equal(fresh.expert_bias, bias)
+    fresh.train()
+    router.train()
+    fresh(tokens)
+    router(tokens)
+    assert torch.equal(fresh.expert_bias, router.expert_bias)
+
+
+def test_aux_free_losses_on_request_and_telemetry():
+    from damex.evaluation.routing_stats import routing_telemetry
+    router = aux_free_router(use_importance_loss=True)
+    assert set(router.train()(torch.randn(16, 8)).aux_losses) == {'importance'}
+    layer = MoEFFN(embed_dims=8, feedforward_channels=16, num_experts=4,
+                   router=dict(type='SoftmaxTokenChoiceRouter', balance='aux_free',
+                               bias_update_rate=0.1)).train()
+    layer(torch.randn(2, 6, 8))
+    stats = routing_telemetry(layer.last_routing)
+    bias = layer.router.expert_bias
+    torch.testing.assert_close(stats['bias_spread'], bias.max() - bias.min())
+    with pytest.raises(ValueError, match="balance must be 'aux_loss' or 'aux_free'"):
+        MoEFFN(embed_dims=8, feedforward_channels=16, num_experts=4,
+               router=dict(type='SoftmaxTokenChoiceRouter', balance='none'))

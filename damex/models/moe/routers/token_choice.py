@@ -33,21 +33,38 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
         use_z_loss: ST-MoE router z-loss ('z').
         use_damex_loss: cross-entropy of the pre-noise logits to each token's routing
             target ('damex'); with it the router needs targets in training.
+        balance: ``'aux_loss'`` (default: the importance / load losses above) or
+            ``'aux_free'`` (DeepSeek-V3's auxiliary-loss-free balancing): a per-expert bias
+            (buffer ``expert_bias``, saved in checkpoints) is added to the gates for the
+            top-k *choice* only (combine weights stay the unbiased gates), and after every
+            training forward it moves by ``bias_update_rate`` towards balance,
+            ``b_e += u * sign(mean load - load_e)``, the loads all-reduced over ranks so that
+            every rank keeps the same bias; in eval the bias is fixed. In that mode the
+            importance / load losses are off unless asked for.
     """
 
     def __init__(self, embed_dims: int, num_experts: int, top_k: int = 1,
                  noise_std: float = 1.0, batch_prioritized: bool = False,
-                 use_importance_loss: bool = True, use_load_loss: bool = True,
+                 use_importance_loss: Optional[bool] = None,
+                 use_load_loss: Optional[bool] = None,
                  use_switch_loss: bool = False, use_z_loss: bool = False,
-                 use_damex_loss: bool = False, capacity_multiple_of: int = 1):
+                 use_damex_loss: bool = False, capacity_multiple_of: int = 1,
+                 balance: str = 'aux_loss', bias_update_rate: float = 1e-3):
         super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
                          capacity_multiple_of=capacity_multiple_of)
         if not 1 <= top_k <= num_experts:
             raise ValueError(f'top_k must be in [1, num_experts={num_experts}], got {top_k}')
+        if balance not in ('aux_loss', 'aux_free'):
+            raise ValueError(f"balance must be 'aux_loss' or 'aux_free', got {balance!r}")
         self.top_k = top_k
         self.batch_prioritized = batch_prioritized
-        self.use_importance_loss = use_importance_loss
-        self.use_load_loss = use_load_loss
+        self.balance = balance
+        self.bias_update_rate = bias_update_rate
+        with_losses = balance == 'aux_loss'
+        self.use_importance_loss = with_losses if use_importance_loss is None else use_importance_loss
+        self.use_load_loss = with_losses if use_load_loss is None else use_load_loss
+        if balance == 'aux_free':
+            self.register_buffer('expert_bias', torch.zeros(num_experts))
         self.use_switch_loss = use_switch_loss
         self.use_damex_loss = use_damex_loss
 
@@ -71,8 +88,10 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
         logits, noisy_logits, std = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
 
+        choice = gates + self.expert_bias if self.balance == 'aux_free' else gates
+
         def route(start, size, count):
-            run = gates[start:start + size * count].view(count, size, -1)
+            run = choice[start:start + size * count].view(count, size, -1)
             capacity = self.capacity(size, capacity_factor, self.top_k)
             priority = run.max(dim=-1).values if self.batch_prioritized else None
             expert_index, kept = top_k_assignment(run, self.top_k, capacity, priority)
@@ -83,7 +102,20 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
             logits, torch.cat([index for index, _ in assigned]),
             None if assigned[0][1] is None else torch.cat([kept for _, kept in assigned]), gates)
         routing.aux_losses = self.losses(runs, logits, noisy_logits, gates, std, targets)
+        if self.balance == 'aux_free':
+            if self.training:
+                self.update_bias(routing.expert_index)
+            routing.info['expert_bias'] = self.expert_bias.clone()
         return routing
+
+    @torch.no_grad()
+    def update_bias(self, expert_index: Tensor) -> None:
+        """One aux-free step from this forward's loads (all ranks' loads, when distributed)."""
+        load = torch.zeros_like(self.expert_bias).index_add_(
+            0, expert_index, torch.ones_like(expert_index, dtype=self.expert_bias.dtype))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def losses(self, runs, logits: Tensor, noisy_logits: Tensor, gates: Tensor, std: float,
                targets: Optional[Tensor]) -> dict:
