@@ -1,4 +1,4 @@
-"""Held-out benchmark: dense DINO, vanilla MoE and three DAMEX variants, same data and seeds.
+"""Held-out benchmark: dense DINO, two vanilla MoEs and four DAMEX variants, same data and seeds.
 
     python tools/analysis_tools/compare_variants.py [--iters 250] [--seeds 0 1]
         [--work-dir work_dirs/compare_variants] [--out-md TABLE.md] [--plot PLOT.png]
@@ -11,12 +11,14 @@ Variants, at equal iterations and seeds (the demo's CPU-sized DAMEX-DINO, one en
 layer, 30 queries, 256 px; MoE in decoder layers 0, 2, 4):
 - ``dense``: DINO with dense FFNs;
 - ``moe``: vanilla MoE (noisy top-1, importance + load losses);
+- ``moe-auxfree``: vanilla MoE balanced without auxiliary losses (``balance='aux_free'``);
 - ``damex-hand``: DAMEX with the map a person writes from the names alone (in listing
   order, round robin: trees 0, aerial 1, harbor 2, signs 0, lights 1);
 - ``damex-plan``: DAMEX with ``plan_experts.py``'s map (computed on the untrained model of
   the same seed) and plan-initialised routers;
 - ``damex-forced``: DAMEX, hand map, every token forced to its expert for the first 20% of
-  the iterations (``ForcedRoutingHook``).
+  the iterations (``ForcedRoutingHook``);
+- ``damex-shared``: DAMEX, hand map, with a shared expert of width ``SHARED_EXPERT_WIDTH``.
 Reports per-dataset AP and AP50 on the validation images, mean AP, routing accuracy on
 validation images (against each variant's own map; the vanilla MoE against the hand map),
 routing accuracy at 10% of training (telemetry), seconds per iteration: mean and spread
@@ -53,7 +55,10 @@ DATASETS = [  # name, type, classes
     ('lights', 'CocoDataset', ('traffic-light', )),
 ]
 HAND_MAP = dict(trees=0, aerial=1, harbor=2, signs=0, lights=1)
-VARIANTS = ('dense', 'moe', 'damex-hand', 'damex-plan', 'damex-forced')
+VARIANTS = ('dense', 'moe', 'moe-auxfree', 'damex-hand', 'damex-plan', 'damex-forced',
+            'damex-shared')
+#: the shared expert of 'damex-shared': half the width of each routed expert (512)
+SHARED_EXPERT_WIDTH = 256
 NUM_EXPERTS = 3
 
 
@@ -112,6 +117,12 @@ def variant_config(variant, root, seed, iters, work_dir):
     elif variant == 'moe':
         cfg.model.moe.router = dict(type='SoftmaxTokenChoiceRouter', top_k=1, noise_std=1.0)
         cfg.model.moe.aux_loss_weights = dict(importance=0.005, load=0.005)
+    elif variant == 'moe-auxfree':  # balanced by the choice bias, no balance losses
+        cfg.model.moe.router = dict(type='SoftmaxTokenChoiceRouter', top_k=1, noise_std=1.0,
+                                    balance='aux_free', bias_update_rate=1e-3)
+        cfg.model.moe.aux_loss_weights = dict()
+    elif variant == 'damex-shared':
+        cfg.model.moe.shared_expert = dict(feedforward_channels=SHARED_EXPERT_WIDTH)
     elif variant == 'damex-plan':
         plan = osp.join(work_dir, 'PLAN.json')
         config = osp.join(work_dir, 'plan_config.py')
