@@ -97,7 +97,7 @@ def main():
         model = init_detector(args.config, args.checkpoint, device=args.device)
     except CheckpointMismatchError as error:
         raise SystemExit(f'error: {args.checkpoint} does not fit {args.config}: {error}')
-    space = getattr(model.bbox_head, 'label_space', None)
+    space = getattr(model, 'label_space', None)
     if space is None:
         raise SystemExit(f'error: {args.checkpoint} carries no label space; re-save it from a '
                          'damex training run')

@@ -1,20 +1,31 @@
-"""The unified label space of a dataset mixture.
+"""The unified label space of a dataset mixture, and its expert map: the one owner.
 
-Built once by :class:`~damex.datasets.DatasetMixture`, stored as plain data in the
-mixture's metainfo (``metainfo['label_space']``, so it survives checkpoints and configs)
-and in every sample it yields, and read back with :meth:`LabelSpace.from_metainfo` by the
-detector's dataset-aware prediction, the per-dataset metric and the routing analysis.
-Nobody re-derives offsets.
+Everything about which classes a dataset has, where they sit in the unified space and
+which expert a dataset routes to lives here: building it (:meth:`LabelSpace.build`, from
+the mixture's datasets and, optionally, an :class:`ExpertPlan`), checking it against a
+model (:meth:`LabelSpace.check_num_classes`, :func:`check_expert`), serialising it into
+a checkpoint (:func:`label_space_to_buffer` / :func:`label_space_from_buffer`) and
+looking things up (:meth:`LabelSpace.expert_of`, :meth:`LabelSpace.prediction_tables`).
 
-A trained model carries the label space of its training mixture (in its checkpoint). A
-test mixture may hold a subset of those datasets, in any order: datasets are matched by
-name and classes by name within a dataset (:meth:`LabelSpace.id_map`).
+The path: the mixture builds it and stamps each sample (``dataset_id``, ``dataset_name``,
+``expert_id``, ``label_map``, ``label_space``); the detector adopts the training batch's
+space, keeps it in its checkpoint, derives every image's routing target and class tables
+from it, and hands the tables to the head; the per-dataset metric and the routing
+analysis read it back with :meth:`LabelSpace.from_metainfo`. Nobody re-derives offsets.
+
+A test mixture may hold a subset of the trained datasets, in any order: datasets are
+matched by name and classes by name within a dataset (:meth:`LabelSpace.id_map`).
 """
+import json
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+#: bytes reserved in a checkpoint for the label space's JSON (thousands of classes fit)
+LABEL_SPACE_CAPACITY = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -171,7 +182,133 @@ class LabelSpace:
         table[label_map] = torch.arange(len(label_map), device=unified.device)
         return table[unified.long()]
 
+    # --- the expert map ---
+    def expert_of(self, name: str) -> int:
+        """The expert that dataset ``name`` routes to."""
+        return self.datasets[self.index(name)].expert
+
+    def check_experts(self, num_experts: Optional[int]) -> None:
+        """Every dataset's expert must exist among ``num_experts`` (None: no limit)."""
+        for entry in self.datasets:
+            check_expert(entry.expert, num_experts, entry.name)
+
+    def check_num_classes(self, num_classes: int, what: str) -> None:
+        """The head's ``num_classes`` must equal this space's size."""
+        if num_classes != self.num_classes:
+            raise ValueError(
+                f'model.bbox_head.num_classes is {num_classes}, but {what} has '
+                f'{self.num_classes} unified classes ({", ".join(self.names)}); set '
+                f'model.bbox_head.num_classes={self.num_classes}')
+
+    def prediction_tables(self, name: str, test: Optional['LabelSpace']
+                          ) -> Tuple[Tuple[int, ...], Optional[Tuple[int, ...]]]:
+        """For an image of dataset ``name`` scored by a model trained on this space:
+        (the trained ids of its dataset's classes, trained id -> ``test`` id or -1).
+
+        Without a test space the ids stay the trained ones (table None). A dataset or
+        class the model was not trained on is an error naming it.
+        """
+        if test is not None:
+            test.check_subset_of(self)
+        if name not in self._by_name:
+            raise KeyError(f'dataset {name!r} was not in the model\'s training mixture; '
+                           f'the model knows {list(self.names)}')
+        entry = self.datasets[self.index(name)]
+        if test is None:
+            return tuple(entry.label_map), None
+        own = test.datasets[test.index(name)].classes
+        keep = tuple(entry.label_map[entry.classes.index(c)] for c in own)
+        return keep, tuple(self.id_map(test, prefer=name))
+
     def __repr__(self) -> str:
         rows = ', '.join(f'{d.name}: {len(d.classes)} classes @ {d.offset} -> expert {d.expert}'
                          for d in self.datasets)
         return f'LabelSpace({self.num_classes} classes; {rows})'
+
+
+def check_expert(expert, num_experts: Optional[int], dataset: str, where: str = '') -> None:
+    """A dataset's expert must be an int in [0, num_experts): the one expert-range check."""
+    if not isinstance(expert, int) or isinstance(expert, bool) or expert < 0:
+        raise ValueError(f'dataset {dataset!r}{where}: expert {expert!r} must be a '
+                         'non-negative int')
+    if num_experts is not None and expert >= num_experts:
+        raise ValueError(
+            f'dataset {dataset!r}{where} is mapped to expert {expert}, but the model has '
+            f'{num_experts} experts (model.moe.num_experts), so it must be [0, {num_experts}); '
+            'fix the mixture\'s `expert` entries (experts may be shared) or the number of '
+            'experts')
+
+
+# --- the label space in a checkpoint ---
+def label_space_to_buffer(space: Optional[LabelSpace], like: Tensor) -> Tensor:
+    """The label space as zero-padded UTF-8 JSON bytes, shaped and placed like ``like``.
+
+    A fixed-size uint8 buffer travels in every state dict and checkpoint, and mmengine's
+    weight broadcast and EMA, which expect tensors of fixed shapes, handle it as any buffer.
+    """
+    out = torch.zeros_like(like)
+    if space is None:
+        return out
+    data = json.dumps(space.to_dict(), separators=(',', ':')).encode('utf-8')
+    if len(data) > out.numel():
+        raise ValueError(f'the label space needs {len(data)} bytes, more than the '
+                         f'{out.numel()} a checkpoint reserves (LABEL_SPACE_CAPACITY)')
+    out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(out.device)
+    return out
+
+
+def label_space_from_buffer(data: Tensor) -> Optional[LabelSpace]:
+    raw = bytes(data.cpu().numpy().tobytes()).rstrip(b'\x00')
+    return LabelSpace.from_dict(json.loads(raw.decode('utf-8'))) if raw else None
+
+
+# --- expert plans (tools/analysis_tools/plan_experts.py) ---
+@dataclass(frozen=True)
+class ExpertPlan:
+    """A PLAN.json: ``experts`` {dataset name: expert} and, per MoE layer, what a router's
+    gate is initialised from (``layers[name]``: ``dataset_means``, ``within_covariance``).
+
+    Read and validated once per file (:meth:`read` caches by path and modification time);
+    the mixture takes its expert map, the detector its routers' gate initialisation.
+    """
+    path: str
+    experts: Dict[str, int]
+    layers: Dict[str, dict]
+
+    @classmethod
+    def read(cls, path: str) -> 'ExpertPlan':
+        try:
+            key = (os.path.abspath(path), os.stat(path).st_mtime_ns)
+        except OSError as error:
+            raise ValueError(f'expert plan {path}: cannot read it ({error})') from None
+        if key not in _PLANS:
+            _PLANS[key] = cls._parse(path)
+        return _PLANS[key]
+
+    @classmethod
+    def _parse(cls, path: str) -> 'ExpertPlan':
+        try:
+            with open(path) as f:
+                plan = json.load(f)
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f'expert plan {path}: cannot read it ({error})') from None
+        if not isinstance(plan, dict) or not isinstance(plan.get('experts'), dict):
+            raise ValueError(f'expert plan {path}: no "experts" object (dataset name -> expert)')
+        for name, expert in plan['experts'].items():
+            check_expert(expert, None, name, f' in the expert plan {path}')
+        layers = plan.get('layers', {})
+        if not isinstance(layers, dict) or any(
+                not isinstance(v, dict) or 'dataset_means' not in v for v in layers.values()):
+            raise ValueError(f'expert plan {path}: "layers" must map each MoE layer to an object '
+                             'with "dataset_means"')
+        return cls(path, dict(plan['experts']), layers)
+
+    def layer(self, name: str) -> dict:
+        """The plan's entry for the MoE layer ``name`` (e.g. 'decoder.layers.0.ffn')."""
+        if name not in self.layers:
+            raise KeyError(f'expert plan {self.path}: no entry for layer {name!r}; it has '
+                           f'{sorted(self.layers)}')
+        return self.layers[name]
+
+
+_PLANS: Dict[tuple, ExpertPlan] = {}

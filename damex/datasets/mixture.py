@@ -6,8 +6,6 @@ space its labels are in) in ``data_sample.metainfo``, and its labels are moved i
 unified label space, for any pipeline that ends in mmdet's plain ``PackDetInputs()``.
 """
 import copy
-import json
-
 from typing import List, Optional, Sequence, Union
 
 from mmengine.dataset import BaseDataset
@@ -16,7 +14,7 @@ from mmengine.dataset import ConcatDataset as MMEngineConcatDataset
 from mmdet.datasets import CocoDataset
 from mmdet.registry import DATASETS
 from .coco import NamedCocoDataset
-from .label_space import LabelSpace
+from .label_space import ExpertPlan, LabelSpace, check_expert
 
 
 LOAD_IMAGE_TYPES = ('LoadImageFromFile', 'mmdet.LoadImageFromFile')
@@ -59,20 +57,8 @@ def build_dataset(cfg, pipeline: Optional[list] = None, lazy_init: bool = False)
     return DATASETS.build(cfg)
 
 
-def read_expert_plan(path: str) -> dict:
-    """``{dataset name: expert}`` from a plan written by tools/analysis_tools/plan_experts.py."""
-    try:
-        with open(path) as f:
-            plan = json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f'expert plan {path}: cannot read it ({error})') from None
-    if not isinstance(plan, dict) or not isinstance(plan.get('experts'), dict):
-        raise ValueError(f'expert plan {path}: no "experts" object (dataset name -> expert)')
-    return plan['experts']
-
-
 def assign_experts(entries: Sequence[dict], num_experts: Optional[int],
-                   plan: Optional[dict] = None, plan_file: str = '') -> List[int]:
+                   plan: Optional[ExpertPlan] = None) -> List[int]:
     """Expert of every dataset: as given, else from the plan, else one per dataset in order.
 
     Several datasets may share an expert; a dataset left without one because the
@@ -83,20 +69,17 @@ def assign_experts(entries: Sequence[dict], num_experts: Optional[int],
     for i, entry in enumerate(entries):
         name = entry['name']
         given = entry.get('expert') is not None  # expert=None (--cfg-options) unsets it
-        if not given and plan is not None and name not in plan:
-            raise ValueError(f'dataset {name!r} is not in the expert plan {plan_file} (it plans '
-                             f'{sorted(plan)}); add it there or give it expert=<index>')
+        if not given and plan is not None and name not in plan.experts:
+            raise ValueError(f'dataset {name!r} is not in the expert plan {plan.path} (it plans '
+                             f'{sorted(plan.experts)}); add it there or give it expert=<index>')
         if given:
             expert = entry['expert']
         else:
-            expert = plan[name] if plan is not None else i
+            expert = plan.experts[name] if plan is not None else i
         if not given and plan is None and num_experts is not None and i >= num_experts:
             raise ValueError(f'dataset {name!r} (#{i}) has no expert: the {num_experts} experts '
                              'ran out; give it one with expert=<index> (experts may be shared)')
-        if not isinstance(expert, int) or expert < 0 or (
-                num_experts is not None and expert >= num_experts):
-            limit = f'[0, {num_experts})' if num_experts is not None else 'a non-negative int'
-            raise ValueError(f'dataset {name!r}: expert {expert!r} must be {limit}')
+        check_expert(expert, num_experts, name)
         experts.append(expert)
     return experts
 
@@ -140,8 +123,8 @@ class DatasetMixture(MMEngineConcatDataset):
             if entry['name'] in names:
                 raise ValueError(f'DatasetMixture: duplicate dataset name {entry["name"]!r}')
             names.append(entry['name'])
-        plan = read_expert_plan(expert_plan) if expert_plan else None
-        experts = assign_experts(datasets, num_experts, plan, expert_plan or '')
+        plan = ExpertPlan.read(expert_plan) if expert_plan else None
+        experts = assign_experts(datasets, num_experts, plan)
         self.pipeline_cfg = pipeline
         built = []
         for name, entry in zip(names, datasets):

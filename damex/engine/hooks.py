@@ -9,7 +9,6 @@ from mmengine.model import is_model_wrapper
 
 from mmdet.registry import HOOKS
 from ..datasets.label_space import LabelSpace
-from ..models.dense_heads.dataset_aware_dino_head import check_num_classes
 
 
 def get_random_state() -> dict:
@@ -97,15 +96,9 @@ def check_mixture(space: Optional[LabelSpace], num_classes: Optional[int],
     if trained is not None and not training:
         space.check_subset_of(trained)
     elif num_classes is not None:
-        check_num_classes(num_classes, space, 'the mixture')
-    if num_experts is None or not training:
-        return
-    for entry in space.datasets:
-        if not 0 <= entry.expert < num_experts:
-            raise ValueError(
-                f'dataset {entry.name!r} is mapped to expert {entry.expert}, but the model '
-                f'has {num_experts} experts (model.moe.num_experts); fix the mixture\'s '
-                f'`expert` entries or the number of experts')
+        space.check_num_classes(num_classes, 'the mixture')
+    if training:
+        space.check_experts(num_experts)
 
 
 def _mixture_label_space(dataloader) -> Optional[LabelSpace]:
@@ -132,7 +125,7 @@ class ExpertMapCheckHook(Hook):
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         head = getattr(model, 'bbox_head', None)
         check_mixture(_mixture_label_space(dataloader), getattr(head, 'num_classes', None),
-                      getattr(model, 'num_experts', None), getattr(head, 'label_space', None),
+                      getattr(model, 'num_experts', None), getattr(model, 'label_space', None),
                       training)
 
     def before_train(self, runner) -> None:

@@ -1,22 +1,11 @@
-"""Which expert each dataset's tokens reach: counting and routing accuracy."""
-from typing import Dict, Optional, Sequence
+"""Which expert each dataset's tokens reach: routing accuracy (counting is the MoE
+layer's, :mod:`damex.models.moe.telemetry`)."""
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-
-def tokens_per_expert(last_routing: Dict[str, Optional[Tensor]]) -> Tensor:
-    """(B, E) tokens of each image that reached each expert in an MoE layer's last forward.
-
-    Sparse routers: a token reaches every expert it was dispatched to (its
-    ``dispatch_mask``; a dropped token reaches none). Soft MoE: the expert with the
-    largest combine mass (argmax of the per-expert logits).
-    """
-    mask = last_routing.get('dispatch_mask')
-    if mask is None:
-        logits = last_routing['logits']
-        mask = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).bool()
-    return mask.sum(dim=1).long()
+from ..models.moe.telemetry import routing_telemetry, tokens_per_expert  # noqa: F401
 
 
 def routing_accuracy(counts: Tensor, experts: Sequence[int]) -> Tensor:
@@ -29,47 +18,3 @@ def routing_accuracy(counts: Tensor, experts: Sequence[int]) -> Tensor:
     experts = torch.as_tensor(experts, dtype=torch.long)
     total = counts.sum(dim=1).clamp(min=1)
     return counts.gather(1, experts[:, None]).squeeze(1).double() / total
-
-
-@torch.no_grad()
-def routing_telemetry(last_routing: Dict[str, Optional[Tensor]],
-                      dataset_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """Training-time routing statistics of one MoE layer's last forward (no extra forward).
-
-    - ``train_accuracy``: share of each dataset's tokens that reached the routing target
-      of their image (its dataset's expert), averaged over the datasets of the batch
-      (present only when the forward had targets);
-    - ``load_max_over_mean``: the busiest expert's assignments over the mean per expert
-      (1.0 = balanced);
-    - ``drop_rate``: share of token choices dropped by a capacity (token choice), or of
-      tokens no expert took (expert choice); 0 for Soft MoE;
-    - ``entropy``: mean entropy (nats) of the router's softmax over experts;
-    - ``bias_spread``: max - min of the aux-free balancing bias (``balance='aux_free'``).
-    dataset_ids: (B,) dataset of each image (default: the targets stand in for them).
-    """
-    logits = last_routing['logits'].float()  # (B, N, E)
-    batch, num_tokens, num_experts = logits.shape
-    probs = logits.softmax(-1)
-    stats = dict(entropy=-(probs * probs.clamp(min=1e-12).log()).sum(-1).mean())
-    mask = last_routing.get('dispatch_mask')
-    if mask is None:  # Soft MoE: the expert with the largest combine mass
-        mask = torch.nn.functional.one_hot(logits.argmax(-1), num_experts).bool()
-        stats['drop_rate'] = logits.new_zeros(())
-    elif 'expert_index' in last_routing:  # token choice: (B, N, K), -1 where dropped
-        stats['drop_rate'] = (last_routing['expert_index'] < 0).float().mean()
-    else:  # expert choice: tokens that no expert took
-        stats['drop_rate'] = (~mask.any(-1)).float().mean()
-    if last_routing.get('expert_bias') is not None:
-        bias = last_routing['expert_bias']
-        stats['bias_spread'] = bias.max() - bias.min()
-    load = mask.sum((0, 1)).float()
-    stats['load_max_over_mean'] = load.max() / load.mean().clamp(min=1e-12)
-    targets = last_routing.get('targets')
-    if targets is not None:
-        groups = targets if dataset_ids is None else torch.as_tensor(dataset_ids,
-                                                                     device=targets.device)
-        hit = mask.gather(-1, targets[:, None, None].expand(batch, num_tokens, 1))[..., 0]
-        per_image = hit.float().mean(-1)  # (B,) share of the image's tokens at its target
-        shares = [per_image[groups == g].mean() for g in groups.unique()]
-        stats['train_accuracy'] = torch.stack(shares).mean()
-    return stats

@@ -43,7 +43,7 @@ def test_subset_and_reordered_test_mixtures_give_the_same_results(demo_data, tmp
     model = MODELS.build(copy.deepcopy(cfg.model))
     load_checkpoint(model, str(tmp_path / 'iter_3.pth'), map_location='cpu')
     model.eval()
-    assert model.bbox_head.label_space.names == ('trees', 'aerial', 'signs')  # from the checkpoint
+    assert model.label_space.names == ('trees', 'aerial', 'signs')  # from the checkpoint
 
     full = cfg.test_dataloader.dataset
     signs_only = copy.deepcopy(full)
@@ -81,6 +81,27 @@ def test_subset_and_reordered_test_mixtures_give_the_same_results(demo_data, tmp
         for (dataset, _), (_, _, names) in preds.items():
             if dataset == 'signs':
                 assert set(names) <= {'stop', 'yield'}
+
+    # A checkpoint of damex <= 0.1 kept the label space in the head: it still loads, with
+    # mmengine's loader and torch's, and predicts identically.
+    checkpoint = torch.load(tmp_path / 'iter_3.pth', map_location='cpu', weights_only=False)
+    state = checkpoint['state_dict']
+    state['bbox_head.label_space_bytes'] = state.pop('label_space_bytes')
+    torch.save(checkpoint, tmp_path / 'legacy.pth')
+    legacy = MODELS.build(copy.deepcopy(cfg.model))
+    load_checkpoint(legacy, str(tmp_path / 'legacy.pth'), map_location='cpu')
+    legacy.eval()
+    assert legacy.label_space == model.label_space
+    assert 'bbox_head.label_space_bytes' not in legacy.state_dict()
+    legacy_preds, legacy_metrics = evaluate(legacy, full)
+    assert legacy_preds.keys() == full_preds.keys()
+    for key, (boxes, scores, class_names) in legacy_preds.items():
+        assert torch.equal(boxes, full_preds[key][0]) and torch.equal(scores, full_preds[key][1])
+        assert class_names == full_preds[key][2], key
+    assert legacy_metrics == full_metrics
+    strict = MODELS.build(copy.deepcopy(cfg.model))
+    strict.load_state_dict(state)  # torch's strict load of the old layout
+    assert strict.label_space == model.label_space
 
 
 def test_unknown_dataset_or_class_is_an_error_naming_it(demo_data, tmp_path):

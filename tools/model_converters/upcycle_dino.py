@@ -151,9 +151,8 @@ def main():
     model_cfg.get('backbone', {}).pop('init_cfg', None)  # nothing to download: weights follow
     model = MODELS.build(model_cfg)
     model.init_weights()
-    head = model.bbox_head
-    if hasattr(head, 'adopt_label_space'):
-        head.adopt_label_space(space.to_dict())
+    if hasattr(model, 'set_label_space'):
+        model.set_label_space(space.to_dict())
     rows = class_rows(space, src_classes, class_map)
     state = upcycle(source, model.state_dict(), rows)
 

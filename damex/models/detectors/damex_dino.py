@@ -1,7 +1,8 @@
 """DAMEX-DINO: mmdet's DINO whose chosen transformer FFNs are Mixture-of-Experts layers."""
 import contextlib
 import copy
-from typing import Dict, List, Optional
+import warnings
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -9,10 +10,16 @@ from torch import Tensor, nn
 from mmdet.models.detectors import DINO
 from mmdet.registry import MODELS
 from mmdet.structures import OptSampleList, SampleList
-from ...evaluation.routing_stats import routing_telemetry, tokens_per_expert
+from ...datasets.label_space import (LABEL_SPACE_CAPACITY, ExpertPlan, LabelSpace, check_expert,
+                                     label_space_from_buffer, label_space_to_buffer)
 from ..checkpoint_match import CheckpointMismatchError, describe_mismatch
+from ..dense_heads import DatasetAwareDINOHead
 from ..layers import DatasetScopedCdnQueryGenerator
 from ..moe import MoEFFN, routing_targets
+from ..moe.telemetry import routing_telemetry, tokens_per_expert
+
+#: where checkpoints of damex <= 0.1 kept the label space (the head); loaded from there too
+LEGACY_LABEL_SPACE_KEY = 'bbox_head.label_space_bytes'
 
 DEFAULT_MOE = dict(
     num_experts=8,
@@ -48,11 +55,16 @@ class DAMEXDINO(DINO):
     'importance', 'load', 'switch', 'z'), the mean over the MoE layers that report it,
     times ``aux_loss_weights[key]``.
 
-    Label space: in ``loss`` the head adopts the training batch's label space (and checks
-    ``bbox_head.num_classes`` against it before anything runs); with a dataset-aware head
-    and ``loss_scope='dataset'`` the denoising label noise stays within each image's
-    dataset. In ``predict`` each image's routing target is its dataset's expert in the
-    *trained* expert map (matched by dataset name), whatever the test mixture says.
+    Label space: the detector holds the label space of its training mixture
+    (:attr:`label_space`, adopted from the training batches, checked against
+    ``bbox_head.num_classes`` and ``moe.num_experts``, saved in checkpoints in the buffer
+    ``label_space_bytes``). From it come every image's routing target (its dataset's
+    expert, matched by name, whatever the test mixture says) and, in ``predict``, the
+    class tables the head scores with (``score_classes``, ``output_labels`` in the
+    metainfo): a test mixture may hold any subset of the training datasets in any order,
+    and a dataset or class the model was not trained on is an error naming it. With a
+    dataset-aware head and ``loss_scope='dataset'`` the denoising label noise stays within
+    each image's dataset.
 
     Checkpoints: loading a state dict that does not match the model (missing, unexpected
     or reshaped keys) is a :class:`CheckpointMismatchError`, whoever loads it (mmengine's
@@ -67,12 +79,42 @@ class DAMEXDINO(DINO):
         if self.moe_cfg is not None:
             weights = {**DEFAULT_MOE['aux_loss_weights'], **(moe.get('aux_loss_weights') or {})}
             self.moe_cfg['aux_loss_weights'] = weights
+        dn_cfg = kwargs.get('dn_cfg')  # DINO completes it (num_classes, ...) in place
         super().__init__(*args, **kwargs)
-        if getattr(self.bbox_head, 'loss_scope', 'all') == 'dataset':
-            # same state, same init: the subclass only changes how noisy labels are drawn
-            self.dn_query_generator.__class__ = DatasetScopedCdnQueryGenerator
+        if getattr(self.bbox_head, 'loss_scope', 'all') == 'dataset' and dn_cfg is not None:
+            self.dn_query_generator = self._dataset_scoped(self.dn_query_generator, dn_cfg)
+        self.label_space: Optional[LabelSpace] = None
+        self.register_buffer('label_space_bytes',
+                             torch.zeros(LABEL_SPACE_CAPACITY, dtype=torch.uint8))
+        self._label_space_source: Optional[dict] = None
+        self._loaded_without_label_space = False
+        self._tables: Dict[tuple, Tuple[tuple, Optional[tuple]]] = {}
         self.allow_partial_checkpoint = False
         self._register_load_state_dict_pre_hook(self._check_checkpoint)
+
+    @staticmethod
+    def _dataset_scoped(plain: nn.Module, dn_cfg: dict) -> DatasetScopedCdnQueryGenerator:
+        """The dataset-scoped generator with the plain one's state (and the random stream
+        left as DINO's init left it): it only changes how noisy labels are drawn."""
+        with torch.random.fork_rng(devices=[]):
+            scoped = DatasetScopedCdnQueryGenerator(**dn_cfg)
+        scoped.load_state_dict(plain.state_dict())
+        return scoped
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Restore the trained label space (from today's key or the head's, as damex <= 0.1
+        saved it); the pre-hook then checks the rest of the state dict."""
+        key, legacy = prefix + 'label_space_bytes', prefix + LEGACY_LABEL_SPACE_KEY
+        if legacy in state_dict:
+            value = state_dict.pop(legacy)
+            state_dict.setdefault(key, value)
+        space = label_space_from_buffer(state_dict[key]) if key in state_dict else None
+        if key in state_dict:
+            state_dict[key] = label_space_to_buffer(space, self.label_space_bytes)
+        self.label_space, self._label_space_source = space, None
+        self._loaded_without_label_space = space is None
+        self._tables.clear()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_checkpoint(self, state_dict, prefix, *args) -> None:
         """Pre-hook of every load (mmengine's loader passes strict=True whatever its flag)."""
@@ -136,22 +178,31 @@ class DAMEXDINO(DINO):
         super().init_weights()
         for name, layer in self.moe_layers.items():
             layer.experts.xavier_init_()
-            if getattr(layer.router, 'init_from_plan', None):
-                layer.router.init_gate_from_plan(name)
+            plan_file = getattr(layer.router, 'init_from_plan', None)
+            if plan_file:
+                plan = ExpertPlan.read(plan_file)
+                layer.router.init_gate_from_plan(plan.layer(name), plan.experts, plan.path)
 
     def routing_targets_of(self, batch_data_samples: OptSampleList) -> Optional[Tensor]:
-        """(B,) expert of each image's dataset in batch order, or None if any is unknown."""
+        """(B,) expert of each image's dataset in batch order, or None if any is unknown.
+
+        The expert is the trained expert map's when the model knows the image's dataset,
+        else the sample's ``expert_id``.
+        """
         if not batch_data_samples:
             return None
-        experts = [s.metainfo.get('expert_id') for s in batch_data_samples]
-        if any(e is None for e in experts):
-            return None
-        num_experts = self.num_experts
-        for sample, expert in zip(batch_data_samples, experts):
-            if num_experts is not None and not 0 <= expert < num_experts:
-                raise ValueError(f'image {sample.metainfo.get("img_path")} of dataset '
-                                 f'{sample.metainfo.get("dataset_name")!r} is mapped to expert '
-                                 f'{expert}, but the model has {num_experts} experts')
+        experts = []
+        for sample in batch_data_samples:
+            name = sample.metainfo.get('dataset_name')
+            if self.label_space is not None and name in self.label_space.names:
+                experts.append(self.label_space.expert_of(name))
+                continue
+            expert = sample.metainfo.get('expert_id')
+            if expert is None:
+                return None
+            check_expert(expert, self.num_experts, name,
+                         f' (image {sample.metainfo.get("img_path")})')
+            experts.append(expert)
         return torch.tensor(experts, dtype=torch.long, device=self.query_embedding.weight.device)
 
     def forward_transformer(self, img_feats, batch_data_samples: OptSampleList = None) -> Dict:
@@ -159,25 +210,73 @@ class DAMEXDINO(DINO):
         with routing_targets(self, targets):
             return super().forward_transformer(img_feats, batch_data_samples)
 
+    # --- the trained label space: adopted in training, saved and restored with the weights ---
     def adopt_label_space(self, batch_data_samples: SampleList) -> None:
-        """Hand the training batch's label space to the head (checks num_classes)."""
-        adopt = getattr(self.bbox_head, 'adopt_label_space', None)
+        """Make the training batch's label space the model's (checks the head's num_classes
+        and the experts against it)."""
         spaces = [s.metainfo.get('label_space') for s in batch_data_samples]
-        if adopt is None or not spaces or spaces[0] is None:
+        if not spaces or spaces[0] is None:
             return
         if any(space is not spaces[0] and space != spaces[0] for space in spaces[1:]):
             raise ValueError('a training batch mixes samples of different label spaces')
-        adopt(spaces[0])
+        self.set_label_space(spaces[0])
 
-    def use_trained_experts(self, batch_data_samples: SampleList) -> None:
-        """Set each sample's ``expert_id`` to its dataset's expert in the trained map."""
-        space = getattr(self.bbox_head, 'label_space', None)
-        if space is None:
+    def set_label_space(self, space_dict: dict) -> None:
+        """Adopt a label space (plain data, as the mixture's metainfo holds it)."""
+        if space_dict is self._label_space_source:
             return
+        space = LabelSpace.from_dict(space_dict)
+        space.check_num_classes(self.bbox_head.num_classes, 'the training mixture')
+        space.check_experts(self.num_experts)
+        if space != self.label_space:
+            self.label_space_bytes.copy_(label_space_to_buffer(space, self.label_space_bytes))
+            self.label_space = space
+            self._tables.clear()
+        self._label_space_source = space_dict
+
+    def trained_label_space(self, test_space: Optional[LabelSpace]) -> LabelSpace:
+        """The label space the head's logits are in."""
+        if self.label_space is not None:
+            return self.label_space
+        if self._loaded_without_label_space:
+            raise RuntimeError(
+                'the loaded checkpoint carries no label space (label_space_bytes), so its class '
+                'ids cannot be matched to the test mixture\'s; re-save it from a damex training '
+                'run, or train it with the mixture it is tested on')
+        if test_space is None:
+            raise RuntimeError('the model has no label space: train it on a DatasetMixture '
+                               'or load a checkpoint of one')
+        warnings.warn('DAMEXDINO: an untrained model (no trained label space) is evaluated; '
+                      'its class ids are taken to be the test mixture\'s')
+        return test_space
+
+    def class_tables(self, metainfo: dict) -> Optional[Tuple[tuple, Optional[tuple]]]:
+        """(trained ids to score, trained id -> test id or None) for an image, None when
+        its dataset is not known (see :meth:`LabelSpace.prediction_tables`)."""
+        name = metainfo.get('dataset_name')
+        if name is None:
+            return None
+        space_dict = metainfo.get('label_space')
+        key = (name, repr(space_dict))
+        if key not in self._tables:
+            if len(self._tables) > 256:
+                self._tables.clear()
+            test = None if space_dict is None else LabelSpace.from_dict(space_dict)
+            trained = self.trained_label_space(test)
+            trained.check_num_classes(self.bbox_head.num_classes, 'the model\'s label space')
+            self._tables[key] = trained.prediction_tables(name, test)
+        return self._tables[key]
+
+    def prepare_prediction(self, batch_data_samples: SampleList) -> None:
+        """Give each sample its trained ``expert_id`` and the head its class tables."""
         for sample in batch_data_samples:
             name = sample.metainfo.get('dataset_name')
-            if name is not None and name in space.names:
-                sample.set_metainfo(dict(expert_id=space.datasets[space.index(name)].expert))
+            if self.label_space is not None and name in self.label_space.names:
+                sample.set_metainfo(dict(expert_id=self.label_space.expert_of(name)))
+            if isinstance(self.bbox_head, DatasetAwareDINOHead):
+                tables = self.class_tables(sample.metainfo)
+                if tables is not None:
+                    sample.set_metainfo(dict(score_classes=tables[0], output_labels=tables[1]))
 
     @contextlib.contextmanager
     def naming_the_batch(self, batch_inputs: Tensor, batch_data_samples: SampleList):
@@ -226,7 +325,7 @@ class DAMEXDINO(DINO):
         """DINO's predict; each sample also gets ``routing_counts`` (L, E), the tokens of
         the image that reached each expert in each MoE layer (``routing_layers`` in its
         metainfo names the layers), for the routing analysis."""
-        self.use_trained_experts(batch_data_samples)
+        self.prepare_prediction(batch_data_samples)
         with self.naming_the_batch(batch_inputs, batch_data_samples):
             results = super().predict(batch_inputs, batch_data_samples, rescale)
         layers = self.moe_layers

@@ -1,5 +1,4 @@
 """Token-choice routers: every token picks its experts (V-MoE, DAMEX, Sinkhorn token choice)."""
-import json
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -168,20 +167,15 @@ class DatasetAwareRouter(SoftmaxTokenChoiceRouter):
         self.init_from_plan = init_from_plan
 
     @torch.no_grad()
-    def init_gate_from_plan(self, layer_name: str) -> None:
-        """Set the gate from the plan's dataset means at ``layer_name``."""
-        with open(self.init_from_plan) as f:
-            plan = json.load(f)
-        layers = plan.get('layers', {})
-        if layer_name not in layers:
-            raise KeyError(f'expert plan {self.init_from_plan}: no entry for layer '
-                           f'{layer_name!r}; it has {sorted(layers)}')
-        entry = layers[layer_name]
-        weight = gate_from_plan(entry['dataset_means'], plan['experts'], self.num_experts,
+    def init_gate_from_plan(self, entry: dict, experts: dict, source: str = 'the plan') -> None:
+        """Set the gate from a plan's entry for this router's layer (its dataset means and
+        within-dataset covariance) and the plan's expert map; the detector reads the plan
+        (:class:`~damex.datasets.label_space.ExpertPlan`) and hands both over."""
+        weight = gate_from_plan(entry['dataset_means'], experts, self.num_experts,
                                 covariance=entry.get('within_covariance'))
         if weight.shape != self.gate.weight.shape:
-            raise ValueError(f'expert plan {self.init_from_plan}: layer {layer_name!r} gives a '
-                             f'gate of {tuple(weight.shape)}, the router has '
+            raise ValueError(f'expert plan {source}: a layer gives a gate of '
+                             f'{tuple(weight.shape)}, the router has '
                              f'{tuple(self.gate.weight.shape)}')
         self.gate.weight.copy_(weight)
 
