@@ -129,7 +129,7 @@ def test_plan_initialised_router_routes_right_at_step_0(demo_data, tmp_path):
             model.test_step(pseudo_collate([sample]))
         target = sample['data_samples'].expert_id
         for name, layer in model.moe_layers.items():
-            accuracy[name].append((layer.last_routing['expert_index'][..., 0] == target)
+            accuracy[name].append((layer.last_routing.expert_index[..., 0] == target)
                                   .float().mean().item())
     mean = {name: float(np.mean(values)) for name, values in accuracy.items()}
     assert mean[plan['layer']] >= 0.9, mean

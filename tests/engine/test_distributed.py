@@ -41,7 +41,7 @@ def ddp_worker(rank, world_size, port, out_file):
     model = DistributedDataParallel(layer, find_unused_parameters=False)
     loss = loss_of(model, x[rank:rank + 1], targets[rank:rank + 1])
     loss.backward()
-    used = layer.last_routing['dispatch_mask'].reshape(-1, E).sum(0)
+    used = layer.last_routing.dispatch_mask.reshape(-1, E).sum(0)
     if rank == 0:
         torch.save({n: p.grad for n, p in layer.named_parameters()}, out_file)
     else:
@@ -77,7 +77,7 @@ def aux_free_worker(rank, world_size, port, out_file):
     for _ in range(3):
         x = torch.randn(1, 12, D) + (3.0 if rank else -3.0) * layer.router.gate.weight[rank]
         layer(x.detach())
-        local.append(torch.bincount(layer.last_routing['expert_index'].reshape(-1),
+        local.append(torch.bincount(layer.last_routing.expert_index.reshape(-1),
                                     minlength=E))
     torch.save(dict(bias=layer.router.expert_bias.clone(), loads=torch.stack(local)),
                f'{out_file}.{rank}')

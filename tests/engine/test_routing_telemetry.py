@@ -8,8 +8,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.runner import Runner
 
-from damex.evaluation.routing_stats import routing_telemetry
-from damex.models.moe import MoEFFN
+from damex.models.moe.telemetry import routing_telemetry
+from damex.models.moe import MoEFFN, RoutingSummary
 
 from conftest import tiny_demo_config
 
@@ -24,8 +24,9 @@ def test_telemetry_by_hand_on_a_fixed_routing():
         for n in range(3):
             if expert_index[b, n, 0] >= 0:
                 mask[b, n, expert_index[b, n, 0]] = True
-    stats = routing_telemetry(dict(logits=logits, dispatch_mask=mask, expert_index=expert_index,
-                                   targets=torch.tensor([1, 0])),
+    stats = routing_telemetry(RoutingSummary(family='token_choice', logits=logits,
+                                             dispatch_mask=mask, expert_index=expert_index,
+                                             targets=torch.tensor([1, 0])),
                               dataset_ids=torch.tensor([4, 7]))
     # image 0: 2 of 3 tokens at expert 1; image 1: 2 of 3 at expert 0 -> mean 2/3
     assert stats['train_accuracy'].item() == pytest.approx(2 / 3)
@@ -63,8 +64,8 @@ def forced_fraction(runner):
     shares = []
     for layer in model.moe_layers.values():
         routing = layer.last_routing
-        chosen = routing['expert_index'][..., 0]
-        shares.append((chosen == routing['targets'][:, None]).float().mean().item())
+        chosen = routing.expert_index[..., 0]
+        shares.append((chosen == routing.targets[:, None]).float().mean().item())
     return min(shares)
 
 
@@ -111,9 +112,9 @@ def test_layer_forcing_keeps_the_router_loss():
     layer.force_targets = True
     x = torch.randn(2, 5, 8)
     out = layer(x, routing_targets=torch.tensor([2, 1]))
-    assert layer.last_routing['expert_index'][..., 0].tolist() == [[2] * 5, [1] * 5]
+    assert layer.last_routing.expert_index[..., 0].tolist() == [[2] * 5, [1] * 5]
     (out.sum() + layer.aux_losses['damex']).backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
     layer.eval()
     layer(x)  # inference: the router decides, no targets needed
-    assert 'targets' in layer.last_routing and layer.last_routing['targets'] is None
+    assert layer.last_routing.targets is None

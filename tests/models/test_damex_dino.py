@@ -83,9 +83,9 @@ def test_training_step_on_a_mixed_batch(tiny):
         losses = model.loss(batch['inputs'], batch['data_samples'])
         for layer in model.moe_layers.values():
             # routing targets reach every layer in batch order ...
-            assert layer.last_routing['targets'].tolist() == expected
+            assert layer.last_routing.targets.tolist() == expected
             # ... and the DAMEX loss is each image's tokens against its own expert
-            logits = layer.last_routing['logits']
+            logits = layer.last_routing.logits
             per_token = torch.tensor(expected).repeat_interleave(logits.shape[1])
             reference = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                                           per_token)
@@ -114,7 +114,7 @@ def test_predict_needs_no_dataset_information(tiny):
         results = model.predict(batch['inputs'], batch['data_samples'])
     assert len(results) == 2 and len(results[0].pred_instances) == cfg.model.test_cfg.max_per_img
     assert results[0].routing_counts.shape == (3, 3)  # 3 MoE layers x 3 experts
-    assert all(layer.last_routing['targets'] is None for layer in model.moe_layers.values())
+    assert all(layer.last_routing.targets is None for layer in model.moe_layers.values())
 
 
 def test_experts_initialised_per_expert_after_dino_init(tiny):
@@ -176,7 +176,7 @@ def test_one_training_step_under_cpu_autocast(tiny):
     model.zero_grad()
     total.backward()
     for name, layer in model.moe_layers.items():
-        assert layer.last_routing['logits'].dtype == torch.float32
+        assert layer.last_routing.logits.dtype == torch.float32
         assert layer.aux_losses['damex'].dtype == torch.float32
         grad = layer.experts.fc1_weight.grad
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0

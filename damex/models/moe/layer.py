@@ -3,7 +3,6 @@
 Axis letters: B batch, N tokens per image, T = B*N, D embed dims, E experts, K top-k.
 """
 import contextlib
-import inspect
 from typing import Dict, Iterator, Optional
 
 import torch
@@ -13,11 +12,10 @@ from mmcv.cnn.bricks.drop import build_dropout
 from mmcv.cnn.bricks.transformer import FFN
 from mmengine.model import BaseModule
 from mmdet.registry import MODELS
-from . import routers as _routers
 from .experts import StackedExperts
-from .routers.base import BaseRouter
-from .routing import (PER_TOKEN_INFO, GroupSize, SoftRouting, SparseRouting, check_group_size,
-                      from_groups, group_slices, merge_group_routings, to_groups)
+from .routers.build import build_router
+from .routing import (PER_TOKEN_INFO, GroupSize, RoutingSummary, SoftRouting, SparseRouting,
+                      TokenChoiceRouting, check_group_size, from_groups, group_slices, to_groups)
 
 
 @MODELS.register_module()
@@ -54,12 +52,9 @@ class MoEFFN(BaseModule):
     After each forward:
         ``aux_losses``: the router's unweighted scalar losses ('damex', 'importance',
         'load', 'switch', 'z' where computed).
-        ``last_routing``: detached tensors for analysis: ``logits`` (B, N, E) before noise,
-        ``targets`` (B,) or None, ``dispatch_mask`` (B, N, E) whether a token reached an
-        expert, plus router specifics: token choice ``expert_index`` and ``gates``
-        (B, N, K), -1 and 0 where a choice was dropped; expert choice ``expert_tokens``
-        and ``expert_gates`` (E, C) (token index into B*N per expert slot); Soft MoE
-        ``dispatch_weights`` (G, M, S), ``combine_weights`` (B, N, S), ``group_index``.
+        ``last_routing``: a :class:`~.routing.RoutingSummary` (detached, for analysis):
+        the router family, logits (B, N, E) before noise, targets, which experts each
+        token reached, and the family's own tensors.
 
     Cost: one router call per forward (all routing groups batched) and, for sparse
     routers, one grouped GEMM pair for all experts, so the number of ops depends neither
@@ -109,7 +104,7 @@ class MoEFFN(BaseModule):
         self.dropout_layer = build_dropout(dropout_layer) if dropout_layer else nn.Identity()
         self.add_identity = add_identity
         self.aux_losses: Dict[str, Tensor] = {}
-        self.last_routing: Dict[str, Optional[Tensor]] = {}
+        self.last_routing: Optional[RoutingSummary] = None
         self.context_targets: Optional[Tensor] = None
         #: staged routing (``ForcedRoutingHook``): in training, with targets, every token
         #: goes to its target expert whatever the router says; the router's losses stay.
@@ -167,14 +162,7 @@ class MoEFFN(BaseModule):
         tokens = x.reshape(-1, self.embed_dims)
         slices = group_slices(batch, num_tokens, self.group_size)
         token_targets = None if targets is None else targets.repeat_interleave(num_tokens)
-        if getattr(self.router, 'takes_groups', False):  # batches its groups itself
-            routing = self.router(tokens, token_targets, factor, groups=slices)
-        else:
-            routing = merge_group_routings(
-                [self.router(tokens[start:stop],
-                             None if token_targets is None else token_targets[start:stop],
-                             factor) for start, stop in slices],
-                [start for start, _ in slices])
+        routing = self.router(tokens, token_targets, factor, groups=slices)
         if self.force_targets and self.training and token_targets is not None:
             if isinstance(routing, SoftRouting):
                 raise ValueError(
@@ -230,24 +218,28 @@ class MoEFFN(BaseModule):
         return from_groups(out, routing.group_index, tokens.shape[0])
 
     def _routing_summary(self, routing, batch: int, num_tokens: int,
-                         targets: Optional[Tensor]) -> Dict[str, Optional[Tensor]]:
+                         targets: Optional[Tensor]) -> RoutingSummary:
         def per_token(t: Tensor) -> Tensor:
             return t.detach().reshape(batch, num_tokens, *t.shape[1:])
 
-        summary = dict(logits=per_token(routing.logits), targets=targets)
+        summary = RoutingSummary(family=routing.family, logits=per_token(routing.logits),
+                                 targets=targets)
         if isinstance(routing, SoftRouting):
             combine = from_groups(routing.combine_weights, routing.group_index,
                                   batch * num_tokens)
-            summary.update(dispatch_weights=routing.dispatch_weights.detach(),
-                           combine_weights=per_token(combine),
-                           group_index=routing.group_index)
+            summary.dispatch_weights = routing.dispatch_weights.detach()
+            summary.combine_weights = per_token(combine)
+            summary.group_index = routing.group_index
         else:
             mask = torch.zeros(batch * num_tokens, self.num_experts, dtype=torch.bool,
                                device=routing.logits.device)
             mask[routing.token_index, routing.expert_index] = True
-            summary['dispatch_mask'] = per_token(mask)
+            summary.dispatch_mask = per_token(mask)
         for key, value in routing.info.items():
-            summary[key] = per_token(value) if key in PER_TOKEN_INFO else value.detach()
+            if not hasattr(summary, key):
+                raise KeyError(f'{type(self.router).__name__} reports {key!r}, which '
+                               'RoutingSummary has no field for')
+            setattr(summary, key, per_token(value) if key in PER_TOKEN_INFO else value.detach())
         return summary
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -278,48 +270,12 @@ class MoEFFN(BaseModule):
                 f'capacity_factor={self.capacity_factor}, group_size={self.group_size!r}')
 
 
-def build_router(cfg: dict, embed_dims: int, num_experts: int,
-                 capacity_multiple_of: int = 1) -> nn.Module:
-    """Build a router from its config, with a clear error for an unknown type."""
-    cfg = dict(cfg)
-    router_type = cfg.pop('type', None)
-    cfg.setdefault('embed_dims', embed_dims)
-    cfg.setdefault('num_experts', num_experts)
-
-    def build(router_cls):
-        if issubclass(router_cls, BaseRouter):  # Soft MoE has no capacity
-            cfg.setdefault('capacity_multiple_of', capacity_multiple_of)
-        accepted = inspect.signature(router_cls.__init__).parameters
-        if not any(p.kind == p.VAR_KEYWORD for p in accepted.values()):
-            unknown = [key for key in cfg if key not in accepted]
-            if unknown:
-                raise TypeError(
-                    f'router {router_cls.__name__} does not take {", ".join(unknown)} (it '
-                    f'takes {", ".join(k for k in accepted if k != "self")}); changing only '
-                    f'the router type keeps the old router\'s arguments: replace the whole '
-                    f'router config (router=dict(_delete_=True, type={router_cls.__name__!r}, '
-                    f'...) in a config) or remove those keys')
-        return router_cls(**cfg)
-
-    if isinstance(router_type, type):
-        return build(router_type)
-    # Look our own routers up directly: MODELS.get would import all of mmdet.models
-    # (and mmcv.ops), which the layer does not need.
-    router_cls = MODELS.module_dict.get(router_type) if isinstance(router_type, str) else None
-    if router_cls is None and isinstance(router_type, str):
-        router_cls = MODELS.get(router_type)
-    if router_cls is None:
-        raise ValueError(f'unknown router type {router_type!r}; registered routers: '
-                         f'{", ".join(n for n in _routers.__all__ if n != "BaseRouter")}')
-    return build(router_cls)
-
-
 def forced_routing(routing: SparseRouting, token_targets: Tensor) -> SparseRouting:
     """Every token to its target expert, combine weight = the router's softmax probability of
     that expert (so the router keeps a gradient); logits and auxiliary losses unchanged."""
     gates = routing.logits.float().softmax(-1)
     weight = gates.gather(1, token_targets[:, None])
-    return SparseRouting(
+    return TokenChoiceRouting(
         logits=routing.logits, token_index=torch.arange(len(token_targets),
                                                         device=token_targets.device),
         expert_index=token_targets, combine_weight=weight[:, 0], aux_losses=routing.aux_losses,

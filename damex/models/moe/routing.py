@@ -3,10 +3,12 @@
 Axis letters: B batch (images), N tokens per image, T = B*N tokens, D embed dims,
 E experts, K top-k, C capacity (tokens an expert may take), A assignments, S slots.
 
-A sparse router returns a :class:`SparseRouting`: a list of A (token, expert, weight)
-assignments. Token-choice routers make up to K per token, expert-choice routers C per
-expert; the layer runs every assignment through its expert in one sorted pass, so all
-sparse routers share one dispatch/combine path. Soft MoE returns a :class:`SoftRouting`.
+Each router family returns its routing type: a :class:`TokenChoiceRouting` (up to K
+assignments per token) or an :class:`ExpertChoiceRouting` (C per expert), both a
+:class:`SparseRouting`, a list of A (token, expert, weight) assignments that the layer
+runs through the experts in one sorted pass (one dispatch / combine path for all sparse
+routers), or a :class:`SoftRouting`. After each forward the layer keeps a detached
+:class:`RoutingSummary` of it.
 """
 import math
 from dataclasses import dataclass, field
@@ -37,6 +39,21 @@ class SparseRouting:
     aux_losses: Dict[str, Tensor] = field(default_factory=dict)
     info: Dict[str, Tensor] = field(default_factory=dict)
 
+    family = 'sparse'
+
+
+@dataclass
+class TokenChoiceRouting(SparseRouting):
+    """Token choice: ``info`` holds ``expert_index`` and ``gates`` (T, K), -1 and 0 where
+    a choice was dropped (and, per router, ``plan`` (T, E), ``expert_bias`` (E,))."""
+    family = 'token_choice'
+
+
+@dataclass
+class ExpertChoiceRouting(SparseRouting):
+    """Expert choice: ``info`` holds ``expert_tokens`` and ``expert_gates`` (E, C)."""
+    family = 'expert_choice'
+
 
 @dataclass
 class SoftRouting:
@@ -56,6 +73,48 @@ class SoftRouting:
     group_index: Tensor
     aux_losses: Dict[str, Tensor] = field(default_factory=dict)
     info: Dict[str, Tensor] = field(default_factory=dict)
+
+    family = 'soft'
+
+
+@dataclass
+class RoutingSummary:
+    """What an MoE layer's last forward routed, detached, for analysis and telemetry.
+
+    Always: ``family`` ('token_choice', 'expert_choice' or 'soft'), ``logits`` (B, N, E)
+    before noise, ``targets`` (B,) or None. Sparse families: ``dispatch_mask`` (B, N, E),
+    whether a token reached an expert. Token choice: ``expert_index`` and ``gates``
+    (B, N, K), -1 and 0 where a choice was dropped; ``plan`` (B, N, E) for Sinkhorn token
+    choice; ``expert_bias`` (E,) with aux-free balancing. Expert choice: ``expert_tokens``
+    and ``expert_gates`` (E, C), the flat token index (into B*N) each expert slot took and
+    its weight. Soft MoE: ``dispatch_weights`` (G, M, S), ``combine_weights`` (B, N, S),
+    ``group_index`` (G, M).
+    """
+    family: str
+    logits: Tensor
+    targets: Optional[Tensor] = None
+    dispatch_mask: Optional[Tensor] = None
+    expert_index: Optional[Tensor] = None
+    gates: Optional[Tensor] = None
+    plan: Optional[Tensor] = None
+    expert_bias: Optional[Tensor] = None
+    expert_tokens: Optional[Tensor] = None
+    expert_gates: Optional[Tensor] = None
+    dispatch_weights: Optional[Tensor] = None
+    combine_weights: Optional[Tensor] = None
+    group_index: Optional[Tensor] = None
+
+    def reached(self) -> Tensor:
+        """(B, N, E) bool: the experts each token reached; Soft MoE: the expert with the
+        largest combine mass (argmax of the per-expert logits)."""
+        if self.dispatch_mask is not None:
+            return self.dispatch_mask
+        return F.one_hot(self.logits.argmax(-1), self.logits.shape[-1]).bool()
+
+    def tokens_per_expert(self) -> Tensor:
+        """(B, E) tokens of each image that reached each expert (a token dispatched to
+        several experts counts for each, a dropped one for none)."""
+        return self.reached().sum(dim=1).long()
 
 
 def compute_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
@@ -120,7 +179,7 @@ def top_k_assignment(scores: Tensor, top_k: int, capacity: Optional[int],
 
 
 def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Optional[Tensor],
-                             gates: Tensor) -> SparseRouting:
+                             gates: Tensor) -> TokenChoiceRouting:
     """Build the assignments of a token-choice routing; combine weight = gates[t, e].
 
     ``kept`` None: every choice is kept (no capacity), which needs no data-dependent
@@ -131,13 +190,13 @@ def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Optiona
     flat_expert = expert_index.reshape(-1)
     weight = gates.gather(1, expert_index)
     if kept is None:
-        return SparseRouting(logits=logits, token_index=token_index, expert_index=flat_expert,
-                             combine_weight=weight.reshape(-1),
-                             info=dict(expert_index=expert_index, gates=weight.detach()))
+        return TokenChoiceRouting(logits=logits, token_index=token_index,
+                                  expert_index=flat_expert, combine_weight=weight.reshape(-1),
+                                  info=dict(expert_index=expert_index, gates=weight.detach()))
     flat_kept = kept.reshape(-1)
     dropped = torch.where(kept, expert_index, torch.full_like(expert_index, -1))
     chosen_gates = torch.where(kept, weight, torch.zeros_like(weight))
-    return SparseRouting(
+    return TokenChoiceRouting(
         logits=logits,
         token_index=token_index[flat_kept],
         expert_index=flat_expert[flat_kept],
@@ -147,7 +206,7 @@ def sparse_from_token_choice(logits: Tensor, expert_index: Tensor, kept: Optiona
 
 def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity: int,
                               combine: Tensor, group_starts: Optional[Tensor] = None
-                              ) -> SparseRouting:
+                              ) -> ExpertChoiceRouting:
     """Expert choice: in each routing group every expert takes its top-C tokens.
 
     selection_scores: (T, E) for one group, or (G, M, E) for G groups of M tokens solved
@@ -166,30 +225,12 @@ def sparse_from_expert_choice(logits: Tensor, selection_scores: Tensor, capacity
     token_index = token_index.reshape(num_experts, num_groups * capacity)
     expert_index = torch.arange(num_experts, device=logits.device)[:, None].expand_as(token_index)
     weight = combine.t().gather(1, token_index)  # (E, G*C)
-    return SparseRouting(
+    return ExpertChoiceRouting(
         logits=logits,
         token_index=token_index.reshape(-1),
         expert_index=expert_index.reshape(-1),
         combine_weight=weight.reshape(-1),
         info=dict(expert_tokens=token_index, expert_gates=weight.detach()))
-
-
-def routed_in_runs(route, tokens_total: int, slices: Sequence[Tuple[int, int]]):
-    """Call ``route(start, size, count)`` once per run of equal routing groups.
-
-    The groups must cover the tokens in order (as :func:`group_slices` makes them); returns
-    the runs and the list of what ``route`` returned.
-    """
-    runs = equal_size_runs(slices)
-    position = 0
-    for start, size, count in runs:
-        if start != position:
-            break
-        position = start + size * count
-    if position != tokens_total:
-        raise ValueError(f'routing groups must cover the {tokens_total} tokens in order, got '
-                         f'{list(slices)[:4]}...')
-    return runs, [route(start, size, count) for start, size, count in runs]
 
 
 def mean_over_groups(runs: Sequence[Tuple[int, int, int]], values: Sequence[Tensor]) -> Tensor:
@@ -298,7 +339,7 @@ def merge_group_routings(routings: Sequence[SparseRouting],
         if key == 'expert_tokens':
             values = [v + start for v, start in zip(values, starts)]
         info[key] = torch.cat(values, dim=1 if key in PER_SLOT_INFO else 0)
-    return SparseRouting(
+    return type(routings[0])(
         logits=torch.cat([r.logits for r in routings]),
         token_index=torch.cat([r.token_index + start for r, start in zip(routings, starts)]),
         expert_index=torch.cat([r.expert_index for r in routings]),

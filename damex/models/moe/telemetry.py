@@ -1,28 +1,22 @@
-"""What an MoE layer's last forward routed: tokens per expert, and training telemetry."""
+"""Training telemetry from an MoE layer's last routing (no extra forward)."""
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
+from .routing import RoutingSummary
 
-def tokens_per_expert(last_routing: Dict[str, Optional[Tensor]]) -> Tensor:
-    """(B, E) tokens of each image that reached each expert in an MoE layer's last forward.
 
-    Sparse routers: a token reaches every expert it was dispatched to (its
-    ``dispatch_mask``; a dropped token reaches none). Soft MoE: the expert with the
-    largest combine mass (argmax of the per-expert logits).
-    """
-    mask = last_routing.get('dispatch_mask')
-    if mask is None:
-        logits = last_routing['logits']
-        mask = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).bool()
-    return mask.sum(dim=1).long()
+def tokens_per_expert(summary: RoutingSummary) -> Tensor:
+    """(B, E) tokens of each image that reached each expert (see
+    :meth:`RoutingSummary.tokens_per_expert`)."""
+    return summary.tokens_per_expert()
 
 
 @torch.no_grad()
-def routing_telemetry(last_routing: Dict[str, Optional[Tensor]],
+def routing_telemetry(summary: RoutingSummary,
                       dataset_ids: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """Training-time routing statistics of one MoE layer's last forward (no extra forward).
+    """Training-time routing statistics of one MoE layer's last forward.
 
     - ``train_accuracy``: share of each dataset's tokens that reached the routing target
       of their image (its dataset's expert), averaged over the datasets of the batch
@@ -35,24 +29,22 @@ def routing_telemetry(last_routing: Dict[str, Optional[Tensor]],
     - ``bias_spread``: max - min of the aux-free balancing bias (``balance='aux_free'``).
     dataset_ids: (B,) dataset of each image (default: the targets stand in for them).
     """
-    logits = last_routing['logits'].float()  # (B, N, E)
-    batch, num_tokens, num_experts = logits.shape
+    logits = summary.logits.float()  # (B, N, E)
+    batch, num_tokens, _ = logits.shape
     probs = logits.softmax(-1)
     stats = dict(entropy=-(probs * probs.clamp(min=1e-12).log()).sum(-1).mean())
-    mask = last_routing.get('dispatch_mask')
-    if mask is None:  # Soft MoE: the expert with the largest combine mass
-        mask = torch.nn.functional.one_hot(logits.argmax(-1), num_experts).bool()
+    mask = summary.reached()
+    if summary.family == 'soft':  # nothing is dropped
         stats['drop_rate'] = logits.new_zeros(())
-    elif 'expert_index' in last_routing:  # token choice: (B, N, K), -1 where dropped
-        stats['drop_rate'] = (last_routing['expert_index'] < 0).float().mean()
+    elif summary.family == 'token_choice':  # (B, N, K), -1 where dropped
+        stats['drop_rate'] = (summary.expert_index < 0).float().mean()
     else:  # expert choice: tokens that no expert took
         stats['drop_rate'] = (~mask.any(-1)).float().mean()
-    if last_routing.get('expert_bias') is not None:
-        bias = last_routing['expert_bias']
-        stats['bias_spread'] = bias.max() - bias.min()
+    if summary.expert_bias is not None:
+        stats['bias_spread'] = summary.expert_bias.max() - summary.expert_bias.min()
     load = mask.sum((0, 1)).float()
     stats['load_max_over_mean'] = load.max() / load.mean().clamp(min=1e-12)
-    targets = last_routing.get('targets')
+    targets = summary.targets
     if targets is not None:
         groups = targets if dataset_ids is None else torch.as_tensor(dataset_ids,
                                                                      device=targets.device)

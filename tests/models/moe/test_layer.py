@@ -16,7 +16,7 @@ def make_layer(router, num_experts=4, **kwargs):
     torch.manual_seed(0)
     router_cfg = dict(type=router)
     if router == 'SoftMoERouter':
-        router_cfg.update(group_size=8, slots_per_expert=2)
+        router_cfg.update(tokens_per_group=8, slots_per_expert=2)
     return MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=num_experts,
                   router=router_cfg, **kwargs)
 
@@ -121,19 +121,19 @@ def test_capacity_never_exceeded(router, capacity_factor):
     x = torch.randn(3, 20, D) + 3 * torch.randn(D)
     layer(x, routing_targets=torch.tensor([0, 0, 0]))
     capacity = -(-20 * capacity_factor // 4)  # per image: the default routing group
-    per_image_expert = layer.last_routing['dispatch_mask'].sum(1)  # (B, E)
+    per_image_expert = layer.last_routing.dispatch_mask.sum(1)  # (B, E)
     assert per_image_expert.max() <= capacity
     per_expert = per_image_expert.sum(0)
     if router in ('SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter'):
-        dropped = layer.last_routing['expert_index'] == -1
-        assert torch.all(layer.last_routing['gates'][dropped] == 0)
+        dropped = layer.last_routing.expert_index == -1
+        assert torch.all(layer.last_routing.gates[dropped] == 0)
         assert per_expert.sum() + dropped.sum() == 60
 
 
 def test_no_capacity_drops_nothing():
     layer = make_layer('SoftmaxTokenChoiceRouter', capacity_factor=None)
     layer(torch.randn(2, 30, D) + 5)
-    assert torch.all(layer.last_routing['expert_index'] >= 0)
+    assert torch.all(layer.last_routing.expert_index >= 0)
 
 
 @pytest.mark.parametrize('router', ALL_ROUTERS)
@@ -159,7 +159,7 @@ def test_upcycled_experts_scale_the_dense_ffn_by_the_gate():
     upcycle_from_ffn(layer, ffn)
     x = torch.randn(1, 6, D)
     out = layer(x)
-    gates = layer.last_routing['gates']
+    gates = layer.last_routing.gates
     torch.testing.assert_close(out - x, gates * (ffn(x) - x), rtol=1e-5, atol=1e-6)
 
 
@@ -169,7 +169,7 @@ def test_routing_targets_context_does_not_leak():
     x = torch.randn(2, 5, D)
     with routing_targets(model, torch.tensor([3, 1])):
         model(x)
-        assert layer.last_routing['targets'].tolist() == [3, 1]
+        assert layer.last_routing.targets.tolist() == [3, 1]
     assert layer.context_targets is None
     with pytest.raises(ValueError, match='needs routing targets'):
         model(x)
@@ -179,7 +179,7 @@ def test_routing_targets_context_does_not_leak():
     assert layer.context_targets is None
     layer.eval()  # inference needs no dataset ids
     model(x)
-    assert layer.last_routing['targets'] is None
+    assert layer.last_routing.targets is None
 
 
 def test_bad_configuration_raises():
@@ -283,7 +283,7 @@ def test_grouped_gemm_experts_equal_a_per_expert_loop(dtype, tolerance):
 def test_changing_only_the_router_type_names_the_leftover_arguments():
     # what `--cfg-options model.moe.router.type=SoftMoERouter` does to the demo's router
     with pytest.raises(TypeError, match=r"router SoftMoERouter does not take noise_std \(it "
-                                        r"takes embed_dims, num_experts, group_size.*"
+                                        r"takes embed_dims, num_experts, tokens_per_group.*"
                                         r"_delete_=True, type='SoftMoERouter'"):
         MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=3,
                router=dict(type='SoftMoERouter', noise_std=1.0))
@@ -313,7 +313,7 @@ def test_shared_expert_adds_a_dense_path_inside_the_residual(router):
         rows[t] = rows[t] + w * expert_reference(layer, e, tokens[t])
     expected = torch.stack(rows)
     torch.testing.assert_close(out.reshape(-1, D), expected, rtol=1e-5, atol=1e-5)
-    dropped = ~layer.last_routing['dispatch_mask'].reshape(-1, layer.num_experts).any(-1)
+    dropped = ~layer.last_routing.dispatch_mask.reshape(-1, layer.num_experts).any(-1)
     assert dropped.any()  # capacity 0.5 drops some tokens
     torch.testing.assert_close(out.reshape(-1, D)[dropped], (tokens + shared_reference(
         layer, tokens))[dropped], rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ def make_layer(router, num_experts=E, **kwargs):
     torch.manual_seed(0)
     cfg = dict(type=router)
     if router == 'SoftMoERouter':
-        cfg.update(group_size=8)
+        cfg.update(tokens_per_group=8)
     return MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=num_experts, router=cfg,
                   **kwargs)
 
@@ -92,7 +92,7 @@ def test_router_logits_and_losses_stay_float32(router):
     layer = make_layer(router).train()
     with torch.autocast(**BF16):
         layer(torch.randn(2, 8, D), routing_targets=torch.tensor([0, 1]))
-    assert layer.last_routing['logits'].dtype == torch.float32
+    assert layer.last_routing.logits.dtype == torch.float32
     for name, value in layer.aux_losses.items():
         assert value.dtype == torch.float32, name
 

@@ -65,7 +65,7 @@ def test_importance_loss_in_eval_uses_the_clean_softmax():
     layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=4,
                    router=dict(type='SoftmaxTokenChoiceRouter', noise_std=8.0)).eval()
     layer(torch.randn(1, 30, D))
-    clean = layer.last_routing['logits'].reshape(-1, 4).softmax(-1)
+    clean = layer.last_routing.logits.reshape(-1, 4).softmax(-1)
     torch.testing.assert_close(layer.aux_losses['importance'], importance_loss(clean))
 
 
@@ -118,7 +118,7 @@ def test_layer_passes_capacity_multiple_of_to_router(router):
                    router=dict(type=router), capacity_factor=0.5, capacity_multiple_of=4).eval()
     assert layer.router.capacity_multiple_of == 4
     layer(torch.randn(1, 10, D), routing_targets=torch.tensor([0]))
-    per_expert = layer.last_routing['dispatch_mask'].reshape(-1, 4).sum(0)
+    per_expert = layer.last_routing.dispatch_mask.reshape(-1, 4).sum(0)
     assert per_expert.max() <= 4  # ceil(10 * 0.5 / 4) = 2 -> 4
     if router in CROSS_TOKEN_ROUTERS[1:]:  # expert choice fills every slot
         assert per_expert.tolist() == [4, 4, 4, 4]
@@ -133,11 +133,11 @@ def test_softmax_expert_choice_adds_gate_noise_in_training_by_default():
     assert layer.router.noise_std == 1.0  # std 1/E, as vmoe
     x = torch.randn(1, 64, D) * 0.01  # nearly equal gates: noise decides
     layer.train()
-    picks = [layer(x) is not None and layer.last_routing['expert_tokens'].clone()
+    picks = [layer(x) is not None and layer.last_routing.expert_tokens.clone()
              for _ in range(2)]
     assert not torch.equal(picks[0], picks[1])
     layer.eval()
-    picks = [layer(x) is not None and layer.last_routing['expert_tokens'].clone()
+    picks = [layer(x) is not None and layer.last_routing.expert_tokens.clone()
              for _ in range(2)]
     assert torch.equal(picks[0], picks[1])
 
@@ -150,9 +150,9 @@ def test_sparsity_constrained_router_never_adds_noise():
                    router=dict(type='SparsityConstrainedExpertChoiceRouter')).train()
     x = torch.randn(1, 32, D) * 0.01
     layer(x)
-    first = layer.last_routing['expert_tokens'].clone()
+    first = layer.last_routing.expert_tokens.clone()
     layer(x)
-    assert torch.equal(first, layer.last_routing['expert_tokens'])
+    assert torch.equal(first, layer.last_routing.expert_tokens)
 
 
 # 5. Ties go to the lower index -------------------------------------------------------------
@@ -179,7 +179,7 @@ def test_token_choice_tie_resolved_to_lower_expert_index():
                    router=dict(type='SoftmaxTokenChoiceRouter', top_k=2)).eval()
     torch.nn.init.zeros_(layer.router.gate.weight)  # all gates equal
     layer(torch.randn(1, 5, D))
-    assert layer.last_routing['expert_index'].reshape(-1, 2).tolist() == [[0, 1]] * 5
+    assert layer.last_routing.expert_index.reshape(-1, 2).tolist() == [[0, 1]] * 5
 
 
 # 6. Batch independence ---------------------------------------------------------------------
@@ -188,7 +188,7 @@ def make_layer(router, **kwargs):
     torch.manual_seed(0)
     cfg = dict(type=router)
     if router == 'SoftMoERouter':
-        cfg.update(group_size=8)
+        cfg.update(tokens_per_group=8)
     return MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=4, router=cfg,
                   **kwargs).eval()
 
@@ -219,11 +219,11 @@ def test_capacity_is_per_group():
     layer = make_layer('DatasetAwareRouter', capacity_factor=0.5)
     x = torch.randn(2, 16, D) + 3 * torch.randn(D)  # every token wants the same expert
     layer(x)
-    mask = layer.last_routing['dispatch_mask']  # (B, N, E)
+    mask = layer.last_routing.dispatch_mask  # (B, N, E)
     assert mask.sum(1).max() <= compute_capacity(16, 4, 0.5)  # per image
     layer.group_size = 'batch'
     layer(x)
-    assert layer.last_routing['dispatch_mask'].sum((0, 1)).max() <= compute_capacity(32, 4, 0.5)
+    assert layer.last_routing.dispatch_mask.sum((0, 1)).max() <= compute_capacity(32, 4, 0.5)
 
 
 def test_group_slices():
@@ -242,7 +242,7 @@ def test_losses_average_over_groups():
     layer.router.noise_std = 0.0
     x = torch.randn(2, 10, D)
     layer(x)
-    logits = layer.last_routing['logits']
+    logits = layer.last_routing.logits
     expected = torch.stack([importance_loss(logits[b].softmax(-1)) for b in range(2)]).mean()
     torch.testing.assert_close(layer.aux_losses['importance'], expected)
 
@@ -275,10 +275,10 @@ def test_expert_choice_ragged_groups_equal_routing_each_group_alone(router):
         alone = layer(tokens[start:stop][None])
         expected_out.append(alone[0])
         z_losses.append(layer.aux_losses['z'])
-        slots.append(layer.last_routing['expert_tokens'] + start)
+        slots.append(layer.last_routing.expert_tokens + start)
     torch.testing.assert_close(out.reshape(-1, D), torch.cat(expected_out))
     layer(x)
-    assert layer.last_routing['expert_tokens'].tolist() == torch.cat(slots, dim=1).tolist()
+    assert layer.last_routing.expert_tokens.tolist() == torch.cat(slots, dim=1).tolist()
     torch.testing.assert_close(layer.aux_losses['z'], torch.stack(z_losses).mean())
 
 

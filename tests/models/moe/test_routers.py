@@ -61,7 +61,7 @@ def test_layer_damex_loss_uses_pre_noise_logits_and_image_targets():
                    router=dict(type='DatasetAwareRouter', noise_std=5.0)).train()
     x = torch.randn(2, 4, 8)
     layer(x, routing_targets=torch.tensor([2, 0]))
-    logits = layer.last_routing['logits'].reshape(-1, 3)
+    logits = layer.last_routing.logits.reshape(-1, 3)
     expected = F.cross_entropy(logits, torch.tensor([2] * 4 + [0] * 4))
     assert layer.aux_losses['damex'].item() == pytest.approx(expected.item(), rel=1e-6)
     assert set(layer.aux_losses) == {'damex'}
@@ -167,12 +167,12 @@ def test_expert_choice_experts_take_their_top_tokens():
     layer = MoEFFN(embed_dims=8, feedforward_channels=16, num_experts=2,
                    router=dict(type='SoftmaxExpertChoiceRouter'), capacity_factor=1.0).eval()
     layer(torch.randn(1, 10, 8))
-    gates = layer.last_routing['logits'].reshape(-1, 2).softmax(-1)
+    gates = layer.last_routing.logits.reshape(-1, 2).softmax(-1)
     for e in range(2):
         expected = set(gates[:, e].topk(5).indices.tolist())
-        assert set(layer.last_routing['expert_tokens'][e].tolist()) == expected
-        torch.testing.assert_close(layer.last_routing['expert_gates'][e],
-                                   gates[layer.last_routing['expert_tokens'][e], e])
+        assert set(layer.last_routing.expert_tokens[e].tolist()) == expected
+        torch.testing.assert_close(layer.last_routing.expert_gates[e],
+                                   gates[layer.last_routing.expert_tokens[e], e])
 
 
 def test_damex_router_learns_dataset_to_expert_map():
@@ -201,7 +201,7 @@ def test_damex_router_learns_dataset_to_expert_map():
     layer.eval()
     x, datasets = batch(64)
     layer(x)
-    chosen = layer.last_routing['expert_index'][..., 0]
+    chosen = layer.last_routing.expert_index[..., 0]
     for d in range(2):
         accuracy = (chosen[datasets == d] == expert_of[d]).float().mean().item()
         assert accuracy >= 0.95, (d, accuracy)
@@ -245,7 +245,7 @@ def test_aux_free_bias_moves_towards_balance_and_is_fixed_in_eval():
 
 
 def test_aux_free_losses_on_request_and_telemetry():
-    from damex.evaluation.routing_stats import routing_telemetry
+    from damex.models.moe.telemetry import routing_telemetry
     router = aux_free_router(use_importance_loss=True)
     assert set(router.train()(torch.randn(16, 8)).aux_losses) == {'importance'}
     layer = MoEFFN(embed_dims=8, feedforward_channels=16, num_experts=4,

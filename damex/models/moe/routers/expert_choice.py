@@ -16,13 +16,12 @@ from torch import Tensor
 from mmdet.registry import MODELS
 from ..losses import z_loss
 from ..optimal_transport import sinkhorn_plan, sparsity_constrained_plan
-from ..routing import (SparseRouting, equal_size_runs, merge_group_routings,
-                       sparse_from_expert_choice)
-from .base import BaseRouter
+from ..routing import ExpertChoiceRouting, merge_group_routings, sparse_from_expert_choice
+from .base import GatedRouter
 
 
 @MODELS.register_module()
-class SoftmaxExpertChoiceRouter(BaseRouter):
+class SoftmaxExpertChoiceRouter(GatedRouter):
     """Each expert takes the C tokens with the highest softmax gate for it (Zhou et al. 2022).
 
     As the reference (vmoe), gates are softmax(logits + noise) in training with noise std
@@ -37,27 +36,21 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
         super().__init__(embed_dims, num_experts, noise_std=noise_std, use_z_loss=use_z_loss,
                          capacity_multiple_of=capacity_multiple_of)
 
-    #: the layer hands over all groups at once (see :meth:`forward`).
-    takes_groups = True
-
     def selection_scores(self, logits: Tensor, gates: Tensor, capacity: int) -> Tensor:
         """(G, M, E) scores by which each expert ranks the tokens of each of G groups."""
         return gates
 
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None,
-                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
-        """tokens: (T, D); groups: the layer's routing groups as (start, stop) ranges
-        (default: all T tokens in one); targets are not used.
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> ExpertChoiceRouting:
+        """The router contract (:class:`~.base.BaseRouter`); targets are not used.
 
         Groups of equal size are ranked in one batched pass (one OT solve for all images,
         not one per image); an expert only ever takes tokens of the group it ranks.
         """
-        slices = groups if groups is not None else [(0, tokens.shape[0])]
+        runs = self.group_runs(tokens.shape[0], groups)
         logits, noisy_logits, _ = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
-        factor = self.default_capacity_factor if capacity_factor is None else capacity_factor
-        runs = equal_size_runs(slices)
         routings = []
         for start, size, count in runs:
             stop = start + size * count
@@ -65,7 +58,7 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
             def grouped(t: Tensor) -> Tensor:
                 return t[start:stop].view(count, size, -1)
 
-            capacity = self.capacity(size, factor)
+            capacity = self.capacity(size, capacity_factor)
             scores = self.selection_scores(grouped(noisy_logits.detach().float()),
                                            grouped(gates.detach()), capacity)
             starts = torch.arange(count, device=tokens.device) * size
@@ -75,7 +68,7 @@ class SoftmaxExpertChoiceRouter(BaseRouter):
         if self.use_z_loss:  # averaged over groups: within a run of equal groups, over tokens
             per_run = [z_loss(logits[start:start + size * count]) * count
                        for start, size, count in runs]
-            routing.aux_losses['z'] = torch.stack(per_run).sum() / len(slices)
+            routing.aux_losses['z'] = torch.stack(per_run).sum() / sum(c for _, _, c in runs)
         return routing
 
 

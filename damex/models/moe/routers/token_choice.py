@@ -8,13 +8,13 @@ from mmdet.registry import MODELS
 from ..losses import damex_loss, importance_loss, load_loss, switch_loss, z_loss
 from ..optimal_transport import sinkhorn_plan
 from ..planning import gate_from_plan
-from ..routing import (SparseRouting, mean_over_groups, routed_in_runs,
-                       sparse_from_token_choice, top_k_assignment)
-from .base import BaseRouter
+from ..routing import (TokenChoiceRouting, mean_over_groups, sparse_from_token_choice,
+                       top_k_assignment)
+from .base import GatedRouter
 
 
 @MODELS.register_module()
-class SoftmaxTokenChoiceRouter(BaseRouter):
+class SoftmaxTokenChoiceRouter(GatedRouter):
     """Noisy top-k softmax router (V-MoE, Riquelme et al. 2021).
 
     Gates are softmax(logits + noise) in training; each token keeps its top-k experts
@@ -71,19 +71,14 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
     def requires_targets(self) -> bool:  # type: ignore[override]
         return self.use_damex_loss
 
-    #: the layer hands over all routing groups at once (one call per layer and forward).
-    takes_groups = True
-
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None,
-                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
-        """tokens: (T, D); targets: (T,) expert per token or None; groups: the layer's
-        routing groups as (start, stop) ranges covering the tokens in order (default: one).
-
-        Groups of equal size are routed in one batched pass; capacities, batch priority and
-        losses are per group, the losses averaged over groups.
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> TokenChoiceRouting:
+        """The router contract (:class:`~.base.BaseRouter`). Groups of equal size are routed
+        in one batched pass; capacities, batch priority and losses are per group, the
+        losses averaged over groups.
         """
-        slices = groups if groups is not None else [(0, tokens.shape[0])]
+        runs = self.group_runs(tokens.shape[0], groups)
         logits, noisy_logits, std = self.gate_logits(tokens)
         gates = noisy_logits.float().softmax(dim=-1)
 
@@ -96,7 +91,7 @@ class SoftmaxTokenChoiceRouter(BaseRouter):
             expert_index, kept = top_k_assignment(run, self.top_k, capacity, priority)
             return expert_index.flatten(0, 1), None if kept is None else kept.flatten(0, 1)
 
-        runs, assigned = routed_in_runs(route, tokens.shape[0], slices)
+        assigned = [route(*run) for run in runs]
         routing = sparse_from_token_choice(
             logits, torch.cat([index for index, _ in assigned]),
             None if assigned[0][1] is None else torch.cat([kept for _, kept in assigned]), gates)
@@ -181,7 +176,7 @@ class DatasetAwareRouter(SoftmaxTokenChoiceRouter):
 
 
 @MODELS.register_module()
-class SinkhornTokenChoiceRouter(BaseRouter):
+class SinkhornTokenChoiceRouter(GatedRouter):
     """Sinkhorn token choice (Liu et al. 2024, "Routers in Vision MoE"; vmoe KL projection).
 
     The top-k of each token are taken from the entropic transport plan of cost -logits
@@ -200,14 +195,12 @@ class SinkhornTokenChoiceRouter(BaseRouter):
         self.top_k = top_k
         self.num_iters = num_iters
 
-    takes_groups = True
-
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None,
-                groups: Optional[Sequence[Tuple[int, int]]] = None) -> SparseRouting:
+                groups: Optional[Sequence[Tuple[int, int]]] = None) -> TokenChoiceRouting:
         """As :meth:`SoftmaxTokenChoiceRouter.forward`: groups of equal size share one
         batched Sinkhorn solve; each group's plan balances its own tokens."""
-        slices = groups if groups is not None else [(0, tokens.shape[0])]
+        runs = self.group_runs(tokens.shape[0], groups)
         logits, noisy_logits, _ = self.gate_logits(tokens)
 
         def route(start, size, count):
@@ -218,7 +211,7 @@ class SinkhornTokenChoiceRouter(BaseRouter):
             return (plan.flatten(0, 1), expert_index.flatten(0, 1),
                     None if kept is None else kept.flatten(0, 1))
 
-        runs, solved = routed_in_runs(route, tokens.shape[0], slices)
+        solved = [route(*run) for run in runs]
         kept = None if solved[0][2] is None else torch.cat([k for _, _, k in solved])
         routing = sparse_from_token_choice(logits, torch.cat([i for _, i, _ in solved]), kept,
                                            logits.float().softmax(-1))
