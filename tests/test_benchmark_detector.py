@@ -4,7 +4,7 @@ from mmengine.registry import init_default_scope
 from mmdet.models.dense_heads import DINOHead
 from mmdet.registry import MODELS
 
-from conftest import REPO, load_tool
+from damex.testing import REPO, load_tool
 
 
 def test_stock_dino_builds_from_the_default_damex_config():

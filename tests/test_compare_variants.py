@@ -3,7 +3,7 @@ import os.path as osp
 
 from mmdet.registry import MODELS
 
-from conftest import load_tool
+from damex.testing import load_tool
 
 
 def test_shared_expert_and_aux_free_variants_build(tmp_path):

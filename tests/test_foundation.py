@@ -5,7 +5,7 @@ import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 
 def test_import_registers_everything():

@@ -14,7 +14,7 @@ from mmengine.runner import set_random_seed
 from mmdet.registry import DATASETS, MODELS
 from damex.models.moe.planning import gate_from_plan, plan_assignment
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 
 def test_assignment_groups_similar_datasets_and_leaves_no_expert_empty():

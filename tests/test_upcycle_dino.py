@@ -9,7 +9,7 @@ import torch
 from mmdet.datasets import CocoDataset
 from mmdet.registry import MODELS
 
-from conftest import REPO, load_tool, tiny_demo_config
+from damex.testing import REPO, load_tool, tiny_demo_config
 
 COCO = list(CocoDataset.METAINFO['classes'])
 

@@ -11,16 +11,14 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
 
 from mmengine.config import Config
 from mmengine.runner import Runner
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(ROOT, 'tools', 'misc'))
-from make_demo_data import make_demo_data  # noqa: E402
+from damex.synthetic import make_demo_data
+from damex.visualization import plot_loss_curve
 
-from damex.visualization import plot_loss_curve  # noqa: E402
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
 
 def read_losses(log_dir: str):

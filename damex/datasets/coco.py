@@ -145,15 +145,15 @@ class NamedCocoDataset(CocoDataset):
         self.ignore_classes = tuple(ignore_classes)
         super().__init__(*args, **kwargs)
 
+    @property
+    def COCOAPI(self):  # noqa: N802 (mmdet's name)
+        """mmdet's loader builds ``self.COCOAPI(local_path)``: the checked, by-name API."""
+        return partial(_NamedCOCO, classes=self.metainfo['classes'],
+                       ignore_classes=self.ignore_classes, source=self.ann_file)
+
     def load_data_list(self) -> List[dict]:
-        # mmdet's loader builds self.COCOAPI(local_path): hand it the checked, by-name API
-        self.COCOAPI = partial(_NamedCOCO, classes=self.metainfo['classes'],
-                               ignore_classes=self.ignore_classes, source=self.ann_file)
         self._report = AnnotationReport(str(self.ann_file))
-        try:
-            data_list = super().load_data_list()
-        finally:
-            del self.COCOAPI
+        data_list = super().load_data_list()
         self._report.warn()
         return data_list
 

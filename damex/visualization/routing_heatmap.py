@@ -3,11 +3,9 @@ import os
 import os.path as osp
 from typing import Optional, Sequence
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 
 def plot_routing_heatmap(counts: np.ndarray, dataset_names: Sequence[str],
@@ -20,7 +18,8 @@ def plot_routing_heatmap(counts: np.ndarray, dataset_names: Sequence[str],
     """
     counts = np.asarray(counts, dtype=np.float64)
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=figsize, dpi=dpi)
+    fig = Figure(figsize=figsize, dpi=dpi)  # no pyplot: no backend, no global state
+    ax = fig.subplots()
     image = ax.imshow(share, vmin=0, vmax=1, cmap='viridis', aspect='auto')
     ax.set_xticks(range(share.shape[1]))
     ax.set_xticklabels([f'E{e}' for e in range(share.shape[1])])
@@ -30,7 +29,7 @@ def plot_routing_heatmap(counts: np.ndarray, dataset_names: Sequence[str],
     ax.set_ylabel('dataset')
     ax.set_title(title, fontsize=9)
     for row, expert in enumerate(experts):
-        ax.add_patch(plt.Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False,
+        ax.add_patch(Rectangle((expert - 0.5, row - 0.5), 1, 1, fill=False,
                                    edgecolor='red', linewidth=2))
         for col in range(share.shape[1]):
             ax.text(col, row, f'{100 * share[row, col]:.0f}', ha='center', va='center',
@@ -39,14 +38,14 @@ def plot_routing_heatmap(counts: np.ndarray, dataset_names: Sequence[str],
     fig.tight_layout()
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=dpi)
-    plt.close(fig)
     return path
 
 
 def plot_loss_curve(iterations: Sequence[int], losses: Sequence[float], path: str,
                     title: str = 'training loss') -> str:
     """Save a line plot of the total loss over iterations; returns the path."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)  # no pyplot: no backend, no global state
+    ax = fig.subplots()
     ax.plot(iterations, losses)
     ax.set_xlabel('iteration')
     ax.set_ylabel('loss')
@@ -55,7 +54,6 @@ def plot_loss_curve(iterations: Sequence[int], losses: Sequence[float], path: st
     fig.tight_layout()
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 

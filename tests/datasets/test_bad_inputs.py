@@ -12,7 +12,7 @@ from PIL import Image
 
 from damex.datasets import DatasetMixture
 
-from conftest import REPO
+from damex.testing import REPO
 
 PIPELINE = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
             dict(type='PackDetInputs')]
@@ -102,7 +102,7 @@ def test_unreadable_image_in_training_names_dataset_and_file(tmp_path):
 def test_non_finite_pixels_are_named_as_the_input(demo_data, tmp_path):
     import copy
     from mmdet.registry import DATASETS, MODELS
-    from conftest import tiny_demo_config
+    from damex.testing import tiny_demo_config
     cfg = tiny_demo_config(tmp_path)
     model = MODELS.build(copy.deepcopy(cfg.model))
     dataset = DATASETS.build(cfg.train_dataloader.dataset)

@@ -10,7 +10,7 @@ import torch
 import damex  # noqa: F401
 from damex.datasets import DatasetMixture, LabelSpace, MixtureSampler, dataset_probabilities
 
-from conftest import REPO, load_tool
+from damex.testing import REPO, load_tool
 
 PIPELINE = [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True),
             dict(type='Resize', scale=(128, 128), keep_ratio=True), dict(type='PackDetInputs')]

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from mmengine.runner import Runner
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 pytestmark = pytest.mark.slow
 

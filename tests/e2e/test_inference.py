@@ -10,7 +10,7 @@ import sys
 import pytest
 from mmengine.runner import Runner
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 pytestmark = pytest.mark.slow
 CLASSES = ('Tree', 'plane', 'storage-tank', 'stop', 'yield')

@@ -11,7 +11,7 @@ from mmengine.runner import Runner, load_checkpoint
 from mmdet.registry import DATASETS, MODELS
 from damex.evaluation import PerDatasetCocoMetric
 
-from conftest import tiny_demo_config
+from damex.testing import tiny_demo_config
 
 pytestmark = pytest.mark.slow
 

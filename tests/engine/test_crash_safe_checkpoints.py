@@ -11,7 +11,7 @@ import pytest
 import torch
 from mmengine.runner import Runner
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 from damex.engine.checkpoint import numbered_checkpoints, why_unloadable
 

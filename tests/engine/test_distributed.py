@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from conftest import REPO
+from damex.testing import REPO
 
 pytestmark = pytest.mark.slow
 D, H, E = 16, 32, 4

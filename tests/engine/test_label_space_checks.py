@@ -7,7 +7,7 @@ import sys
 import pytest
 from mmengine.runner import Runner
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 
 def test_too_few_classes_fail_before_the_first_iteration(demo_data, tmp_path):

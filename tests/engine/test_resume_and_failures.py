@@ -9,7 +9,7 @@ from mmengine.runner import Runner
 
 from mmdet.registry import DATASETS, MODELS
 
-from conftest import tiny_demo_config
+from damex.testing import tiny_demo_config
 
 
 def deterministic(cfg):

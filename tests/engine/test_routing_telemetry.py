@@ -11,7 +11,7 @@ from mmengine.runner import Runner
 from damex.models.moe.telemetry import routing_telemetry
 from damex.models.moe import MoEFFN, RoutingSummary
 
-from conftest import tiny_demo_config
+from damex.testing import tiny_demo_config
 
 
 def test_telemetry_by_hand_on_a_fixed_routing():

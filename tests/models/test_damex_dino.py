@@ -14,7 +14,7 @@ from mmengine.runner import Runner, load_checkpoint
 from mmdet.registry import DATASETS, MODELS
 from damex.models.moe import MoEFFN
 
-from conftest import REPO, tiny_demo_config
+from damex.testing import REPO, tiny_demo_config
 
 CONFIGS = sorted(glob.glob(osp.join(REPO, 'configs', '*', '*.py')))
 

@@ -14,7 +14,7 @@ from mmdet.structures import DetDataSample
 from damex.datasets import LabelSpace
 from damex.models.layers import DatasetScopedCdnQueryGenerator
 
-from conftest import REPO
+from damex.testing import REPO
 
 # A = (car, ship), B = (ship, plane), C = (tree,), merged by name: car 0, ship 1, plane 2, tree 3
 SPACE = LabelSpace.build([('A', ('car', 'ship'), 0), ('B', ('ship', 'plane'), 1),

@@ -26,7 +26,6 @@ routing accuracy at 10% of training (telemetry), seconds per iteration: mean and
 iterations per variant.
 """
 import argparse
-import copy
 import glob
 import json
 import os
@@ -35,17 +34,14 @@ import subprocess
 import sys
 import time
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from mmengine.config import Config
+from mmengine.runner import Runner
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from mmengine.config import Config  # noqa: E402
-from mmengine.runner import Runner  # noqa: E402
+from damex.synthetic import make_heldout_data
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, osp.join(ROOT, 'tools', 'misc'))
-from make_heldout_data import make_heldout_data  # noqa: E402
 
 DATASETS = [  # name, type, classes
     ('trees', 'XMLFolderDataset', ('Tree', )),
@@ -200,7 +196,8 @@ def table(results, iters):
 
 
 def plot(results, path):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))  # no pyplot: no backend, no global state
+    ax = fig.subplots()
     for variant in VARIANTS:
         curves = [r['routing_curve'] for r in results if r['variant'] == variant
                   and r['routing_curve']]
@@ -218,7 +215,6 @@ def plot(results, path):
     ax.set_title('share of each dataset\'s tokens at its expert, mean over seeds')
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main():

@@ -36,12 +36,9 @@ import os.path as osp
 import logging
 from collections import defaultdict
 
-import matplotlib
-
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.logging import MMLogger  # noqa: E402
@@ -159,7 +156,8 @@ def save_heatmap(names, means, experts, path, layer):
     unit = np.stack([means[names[i]] / np.linalg.norm(means[names[i]]) for i in order])
     similarity = unit @ unit.T
     size = max(4.0, 0.6 * len(names) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))  # no pyplot: no backend, no global state
+    ax = fig.subplots()
     image = ax.imshow(similarity, cmap='viridis')
     labels = [f'{names[i]} (e{experts[names[i]]})' for i in order]
     ax.set_xticks(range(len(order)), labels, rotation=45, ha='right')
@@ -174,7 +172,6 @@ def save_heatmap(names, means, experts, path, layer):
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main():

@@ -14,16 +14,11 @@ import argparse
 import json
 import os
 import os.path as osp
-import sys
 from typing import List, Sequence, Tuple
 
 import mmengine
 from PIL import Image
 from shapely.geometry import Polygon, box
-
-ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 Image.MAX_IMAGE_PIXELS = None  # DOTA images are large on purpose
 
