@@ -13,6 +13,8 @@ The fix keeps loading weights-only (no arbitrary code can run from a checkpoint)
    ``HistoryBuffer.register_statistics`` are still written, as before).
 Nothing else in mmengine changes and no environment variable is needed.
 """
+import re
+
 import numpy as np
 import torch
 
@@ -50,3 +52,20 @@ def allow_mmengine_checkpoints() -> None:
     add_safe_globals = getattr(torch.serialization, 'add_safe_globals', None)
     if add_safe_globals is not None:  # torch < 2.4 loads everything anyway
         add_safe_globals(_mmengine_checkpoint_types())
+
+
+#: warnings our dependencies raise on every run, that no damex user can act on
+KNOWN_WARNINGS = (
+    # mmengine (collect_env, package checks) imports the deprecated pkg_resources
+    ('pkg_resources is deprecated as an API', UserWarning),
+    # mmdet's DINO calls torch.meshgrid without ``indexing`` (the default is the same)
+    ('torch.meshgrid: in an upcoming release, it will be required', UserWarning),
+)
+
+
+def silence_known_warnings() -> None:
+    """Hide exactly :data:`KNOWN_WARNINGS` (the entry points call it; importing damex does
+    not change any warning filter)."""
+    import warnings
+    for message, category in KNOWN_WARNINGS:
+        warnings.filterwarnings('ignore', message=re.escape(message), category=category)

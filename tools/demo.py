@@ -15,6 +15,7 @@ import os.path as osp
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from damex.compat import silence_known_warnings
 from damex.synthetic import make_demo_data
 from damex.visualization import plot_loss_curve
 
@@ -46,6 +47,7 @@ def parse_args():
 
 def main():
     args = parse_args()
+    silence_known_warnings()
     os.chdir(ROOT)
     print(f'[demo] writing the demo mixture to {make_demo_data(osp.join(ROOT, "data", "demo"))}')
     cfg = Config.fromfile(osp.join(ROOT, 'configs', 'demo', f'{args.variant}_demo.py'))

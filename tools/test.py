@@ -11,7 +11,9 @@ import runpy
 import mmdet
 
 import damex  # noqa: F401  (registers damex's modules before the config is built)
+from damex.compat import silence_known_warnings
 
 if __name__ == '__main__':
+    silence_known_warnings()
     runpy.run_path(osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'test.py'),
                    run_name='__main__')

@@ -14,6 +14,7 @@ import mmdet
 import torch
 
 import damex  # noqa: F401  (registers damex's modules before the config is built)
+from damex.compat import silence_known_warnings
 
 
 def init_cpu_process_group() -> None:
@@ -28,6 +29,7 @@ def init_cpu_process_group() -> None:
 
 
 if __name__ == '__main__':
+    silence_known_warnings()
     init_cpu_process_group()
     runpy.run_path(osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py'),
                    run_name='__main__')

@@ -109,3 +109,4 @@ custom_hooks = [dict(type='RandomStateHook'), dict(type='ExpertMapCheckHook')]
 # same config also runs on CPU with gloo.
 model_wrapper_cfg = dict(type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                          find_unused_parameters=False)
+optim_wrapper = dict(constructor='QuietOptimWrapperConstructor')  # one log line per paramwise setting

@@ -66,7 +66,8 @@ def demo_mixture(split, pipeline):
 
 train_dataloader = dict(
     batch_size=2, num_workers=0, persistent_workers=False,
-    sampler=dict(_delete_=True, type='MixtureSampler', policy='uniform'),
+    # infinite: the iteration loop never restarts the dataloader (no warning, no pause)
+    sampler=dict(_delete_=True, type='MixtureSampler', policy='uniform', infinite=True),
     batch_sampler=None,
     dataset=dict(_delete_=True, **demo_mixture('train', train_pipeline)))
 val_dataloader = dict(
@@ -76,7 +77,9 @@ test_dataloader = val_dataloader
 val_evaluator = dict(_delete_=True, type='PerDatasetCocoMetric')
 test_evaluator = val_evaluator
 
-optim_wrapper = dict(optimizer=dict(lr=2e-4), paramwise_cfg=dict(custom_keys={}))
+# one log line per paramwise setting, not one per parameter
+optim_wrapper = dict(constructor='QuietOptimWrapperConstructor', optimizer=dict(lr=2e-4),
+                     paramwise_cfg=dict(custom_keys={}))
 max_iters = 300
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
                  val_interval=max_iters)

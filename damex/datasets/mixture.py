@@ -185,6 +185,19 @@ class DatasetMixture(MMEngineConcatDataset):
                 instances.labels = self.label_space.to_unified(dataset_id, instances.labels)
         return data
 
+    def summary(self) -> str:
+        """The mixture as a table: every dataset's type, images, classes, first unified id
+        and expert (training logs and tools/misc/print_mixture.py show it)."""
+        self.full_init()
+        space = self.label_space
+        rows = [f'DatasetMixture: {len(self.datasets)} datasets, {len(self)} samples, '
+                f'{space.num_classes} unified classes',
+                f'  {"name":<14}{"type":<20}{"size":>7}{"classes":>9}{"offset":>8}{"expert":>8}']
+        for entry, dataset in zip(space.datasets, self.datasets):
+            rows.append(f'  {entry.name:<14}{type(dataset).__name__:<20}{len(dataset):>7}'
+                        f'{len(entry.classes):>9}{entry.offset:>8}{entry.expert:>8}')
+        return '\n'.join(rows)
+
     def dataset_sizes(self) -> List[int]:
         self.full_init()
         return [len(ds) for ds in self.datasets]

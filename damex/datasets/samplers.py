@@ -1,4 +1,5 @@
 """Sampling across the datasets of a mixture: proportional, uniform or temperature."""
+import itertools
 import math
 from typing import Iterator, Optional, Sized
 
@@ -33,12 +34,19 @@ class MixtureSampler(Sampler):
     Each epoch has ``len(dataset)`` draws. 'proportional' (default) is a plain shuffle
     (every sample once); 'uniform' and 'temperature' draw a dataset by its probability,
     then a sample of it uniformly (with replacement). Deterministic for a seed and epoch;
-    in distributed training every rank takes its own slice of the same draw. Works with
-    mmengine's epoch- and iteration-based loops (both call ``set_epoch``).
+    in distributed training every rank takes its own slice of the same draw.
+
+    Args:
+        infinite: False (default) for epoch-based loops (which call ``set_epoch``); True
+            for iteration-based loops: one endless stream of the same epochs, one after
+            the other (epoch e drawn as ``set_epoch(e)`` would), as mmengine's
+            ``InfiniteSampler``, so the loop never restarts the dataloader (no "Reach the
+            end of the dataloader" warning and 2 s pause per epoch). A resumed run skips
+            the trained batches of the same stream, so it continues where it stopped.
     """
 
     def __init__(self, dataset: Sized, policy: str = 'proportional', temperature: float = 1.0,
-                 seed: Optional[int] = None, round_up: bool = True):
+                 seed: Optional[int] = None, round_up: bool = True, infinite: bool = False):
         self.dataset = dataset
         self.policy = policy
         self.sizes = dataset.dataset_sizes()
@@ -51,6 +59,7 @@ class MixtureSampler(Sampler):
                             else math.ceil((total - self.rank) / self.world_size))
         self.total_size = self.num_samples * self.world_size if round_up else total
         self.round_up = round_up
+        self.infinite = infinite
 
     def _draw(self) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -64,12 +73,23 @@ class MixtureSampler(Sampler):
         within = (torch.rand(total, generator=generator, dtype=torch.float64) * sizes).long()
         return starts[datasets] + within
 
-    def __iter__(self) -> Iterator[int]:
+    def _epoch_indices(self) -> list:
         indices = self._draw().tolist()
         if self.round_up and len(indices) < self.total_size:
             repeats = math.ceil(self.total_size / len(indices))
             indices = (indices * repeats)[:self.total_size]
-        return iter(indices[self.rank:self.total_size:self.world_size])
+        return indices[self.rank:self.total_size:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.infinite:
+            return iter(self._epoch_indices())
+        return self._endless()
+
+    def _endless(self) -> Iterator[int]:
+        start = self.epoch
+        for epoch in itertools.count(start):
+            self.epoch = epoch
+            yield from self._epoch_indices()
 
     def __len__(self) -> int:
         return self.num_samples

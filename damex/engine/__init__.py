@@ -1,6 +1,7 @@
-"""Runner hooks."""
+"""Runner hooks and the optimizer-wrapper constructor."""
 from .checkpoint import CrashSafeCheckpointHook
 from .hooks import ExpertMapCheckHook, ForcedRoutingHook, RandomStateHook
+from .optim import QuietOptimWrapperConstructor
 
 __all__ = ['CrashSafeCheckpointHook', 'ExpertMapCheckHook', 'ForcedRoutingHook',
-           'RandomStateHook']
+           'QuietOptimWrapperConstructor', 'RandomStateHook']

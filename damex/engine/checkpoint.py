@@ -24,6 +24,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 
 from mmdet.registry import HOOKS
+from .log_lines import held_log_lines
 
 PARTIAL_SUFFIX = '.partial'
 
@@ -165,7 +166,11 @@ class CrashSafeCheckpointHook(CheckpointHook):
 
     # ---- writing -----------------------------------------------------------------------
     def before_train(self, runner) -> None:
-        super().before_train(runner)
+        # mmengine builds a FileClient it keeps only for compatibility: its two deprecation
+        # warnings say nothing about this run
+        with held_log_lines(r'^"FileClient" will be deprecated',
+                            r'^"HardDiskBackend" is the alias of "LocalBackend"'):
+            super().before_train(runner)
         if not isinstance(self.file_backend, LocalBackend):
             raise ValueError(
                 f'CrashSafeCheckpointHook writes checkpoints atomically to a local or mounted '

@@ -115,7 +115,8 @@ class ExpertMapCheckHook(Hook):
     ``model.bbox_head.num_classes`` must equal the unified label space's size. Before
     validation and testing: the mixture's datasets and classes must be known to the
     model's trained label space (or, for a model without one, num_classes must match).
-    Errors name the dataset, expert or the two numbers.
+    Errors name the dataset, expert or the two numbers. Before training it also logs the
+    training mixture's table (:meth:`DatasetMixture.summary`).
     """
 
     priority = 'VERY_HIGH'
@@ -130,6 +131,9 @@ class ExpertMapCheckHook(Hook):
 
     def before_train(self, runner) -> None:
         self._check(runner, runner.train_dataloader, True)
+        summary = getattr(runner.train_dataloader.dataset, 'summary', None)
+        if summary is not None:
+            runner.logger.info(f'Training mixture:\n{summary()}')
 
     def before_val(self, runner) -> None:
         self._check(runner, runner.val_dataloader, False)

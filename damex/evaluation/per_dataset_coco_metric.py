@@ -126,7 +126,9 @@ class PerDatasetCocoMetric(BaseMetric):
         iou_thrs: COCOeval IoU thresholds (default COCO's).
     """
 
-    default_prefix: Optional[str] = None
+    #: keys are already namespaced ('<dataset>/bbox_mAP', 'routing/...'): no prefix (and
+    #: no "prefix is not set" warning); ``prefix=`` still adds one
+    default_prefix: Optional[str] = ''
 
     def __init__(self, heatmap_dir: Optional[str] = None, save_heatmaps: bool = True,
                  iou_thrs: Optional[Sequence[float]] = None, collect_device: str = 'cpu',

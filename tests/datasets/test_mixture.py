@@ -1,5 +1,4 @@
-"""The mixture: label spaces, expert maps, tagged samples; the samplers; the tools."""
-import collections
+"""The mixture: label spaces, expert maps, tagged samples; the tools."""
 import os.path as osp
 import subprocess
 import sys
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 import damex  # noqa: F401
-from damex.datasets import DatasetMixture, LabelSpace, MixtureSampler, dataset_probabilities
+from damex.datasets import DatasetMixture, LabelSpace
 
 from damex.testing import REPO, load_tool
 
@@ -95,52 +94,6 @@ def test_expert_map_many_to_one_and_errors(sample_data):
     with pytest.raises(ValueError, match="duplicate dataset name 'dota'"):
         DatasetMixture(datasets=[dict(name='dota', dataset=dota_cfg(sample_data)),
                                  dict(name='dota', dataset=dota_cfg(sample_data))])
-
-
-class FakeMixture:
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def dataset_sizes(self):
-        return self.sizes
-
-    def __len__(self):
-        return sum(self.sizes)
-
-
-@pytest.mark.parametrize('policy, temperature, expected', [
-    ('proportional', 1.0, [0.8, 0.15, 0.05]),
-    ('uniform', 1.0, [1 / 3, 1 / 3, 1 / 3]),
-    # n^(1/2) = [20, 8.66, 5] / 33.66
-    ('temperature', 2.0, [20 / 33.66, 8.66 / 33.66, 5 / 33.66]),
-])
-def test_sampler_frequencies_follow_the_policy(policy, temperature, expected):
-    sizes = [400, 75, 25]
-    sampler = MixtureSampler(FakeMixture(sizes), policy=policy, temperature=temperature, seed=0)
-    starts = [0, 400, 475]
-    counts = collections.Counter()
-    for epoch in range(20):
-        sampler.set_epoch(epoch)
-        for index in sampler:
-            counts[sum(index >= s for s in starts) - 1] += 1
-    total = sum(counts.values())
-    assert total == 20 * 500
-    for d, p in enumerate(expected):
-        assert counts[d] / total == pytest.approx(p, abs=0.015)
-    torch.testing.assert_close(dataset_probabilities(sizes, policy, temperature),
-                               torch.tensor(expected, dtype=torch.float64), atol=1e-3, rtol=0)
-
-
-def test_sampler_is_deterministic_and_splits_across_ranks(monkeypatch):
-    sampler = MixtureSampler(FakeMixture([10, 5]), policy='uniform', seed=3)
-    assert list(sampler) == list(sampler)
-    import damex.datasets.samplers as samplers
-    monkeypatch.setattr(samplers, 'get_dist_info', lambda: (0, 2))
-    rank0 = list(MixtureSampler(FakeMixture([10, 5]), policy='uniform', seed=3))
-    monkeypatch.setattr(samplers, 'get_dist_info', lambda: (1, 2))
-    rank1 = list(MixtureSampler(FakeMixture([10, 5]), policy='uniform', seed=3))
-    full = list(sampler) + list(sampler)[:1]  # padded to a multiple of 2 ranks
-    assert rank0 == full[0::2] and rank1 == full[1::2]
 
 
 def test_split_tool_keeps_every_object_fully_inside_a_patch(tmp_path, sample_data):

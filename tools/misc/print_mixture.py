@@ -100,13 +100,12 @@ def describe(split: str, dataset_cfg: dict, model_cfg: dict, trained=None,
     if space is None:
         print(f'[{split}] {type(mixture).__name__} with {len(mixture)} samples (not a mixture)')
         return check_files(mixture, check_images), None
-    print(f'[{split}] DatasetMixture: {len(mixture.datasets)} datasets, {len(mixture)} samples, '
-          f'{space.num_classes} unified classes')
-    print(f'  {"name":<14}{"type":<20}{"size":>7}{"classes":>9}{"offset":>8}{"expert":>8}')
+    table = mixture.summary().splitlines()
+    print(f'[{split}] {table[0]}')
+    print(table[1])
     problems = []
-    for entry, dataset in zip(space.datasets, mixture.datasets):
-        print(f'  {entry.name:<14}{type(dataset).__name__:<20}{len(dataset):>7}'
-              f'{len(entry.classes):>9}{entry.offset:>8}{entry.expert:>8}')
+    for entry, dataset, row in zip(space.datasets, mixture.datasets, table[2:]):
+        print(row)
         print(f'    boxes: {boxes_per_class(dataset, entry.classes)}')
         problems += [f'{split}/{entry.name}: {p}'
                      for p in check_files(dataset, check_images)]
