@@ -5,7 +5,9 @@ import os
 
 from .synthetic.demo_data import ROOT as REPO
 
-__all__ = ['REPO', 'load_tool', 'tiny_demo_config']
+__all__ = ['REPO', 'load_tool', 'tiny_demo_config', 'make_moe_layer', 'SPARSE_ROUTERS',
+           'ALL_ROUTERS',
+           'CROSS_TOKEN_ROUTERS', 'MOE_D', 'MOE_H', 'make_eval_layer']
 
 
 def load_tool(relative_path: str):
@@ -34,3 +36,34 @@ def tiny_demo_config(work_dir, config='configs/demo/damex_demo.py', max_iters=2,
         cfg.model.moe.update(moe)
     cfg.randomness = dict(seed=0)
     return cfg
+
+
+#: embed dims and expert width of the small MoE layers the tests build
+MOE_D, MOE_H = 16, 32
+SPARSE_ROUTERS = ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter',
+                  'SoftmaxExpertChoiceRouter', 'SinkhornExpertChoiceRouter',
+                  'SparsityConstrainedExpertChoiceRouter']
+ALL_ROUTERS = SPARSE_ROUTERS + ['SoftMoERouter']
+#: routers whose choice for a token depends on the other tokens of its group
+CROSS_TOKEN_ROUTERS = ['SinkhornTokenChoiceRouter', 'SoftmaxExpertChoiceRouter',
+                       'SinkhornExpertChoiceRouter', 'SparsityConstrainedExpertChoiceRouter']
+
+
+def make_moe_layer(router: str, num_experts: int = 4, slots_per_expert=None, **kwargs):
+    """A seeded small MoEFFN (D=16, H=32) with ``router``; Soft MoE in groups of 8 tokens."""
+    import torch
+
+    from .models.moe import MoEFFN
+    torch.manual_seed(0)
+    cfg = dict(type=router)
+    if router == 'SoftMoERouter':
+        cfg.update(tokens_per_group=8)
+        if slots_per_expert is not None:
+            cfg.update(slots_per_expert=slots_per_expert)
+    return MoEFFN(embed_dims=MOE_D, feedforward_channels=MOE_H, num_experts=num_experts,
+                  router=cfg, **kwargs)
+
+
+def make_eval_layer(router: str, **kwargs):
+    """:func:`make_moe_layer` in eval mode (no gate noise)."""
+    return make_moe_layer(router, **kwargs).eval()

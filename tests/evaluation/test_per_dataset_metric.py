@@ -10,8 +10,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from damex.datasets import LabelSpace
-from damex.evaluation import PerDatasetCocoMetric, tokens_per_expert
-from damex.models.moe import RoutingSummary
+from damex.evaluation import PerDatasetCocoMetric
 
 # dataset 'a': classes (cat, dog) -> unified 0, 1; dataset 'b': (car,) -> unified 2
 SPACE = LabelSpace.build([('a', ('cat', 'dog'), 0), ('b', ('car', ), 1)])
@@ -145,17 +144,6 @@ def test_routing_counts_and_accuracy_by_hand(tmp_path):
         image.verify()
     with Image.open(path) as image:
         assert image.format == 'PNG' and image.size == (640, 480)
-
-
-def test_tokens_per_expert_counts_dispatches_and_soft_argmax():
-    mask = torch.zeros(2, 3, 2, dtype=torch.bool)
-    mask[0, 0, 0] = mask[0, 1, 0] = mask[0, 2, 1] = True  # image 0: 2 tokens -> e0, 1 -> e1
-    mask[1, 0, 1] = mask[1, 0, 0] = True  # image 1: one token to both (top-2), two dropped
-    sparse = RoutingSummary(family='token_choice', logits=torch.zeros(2, 3, 2),
-                            dispatch_mask=mask)
-    assert tokens_per_expert(sparse).tolist() == [[2, 1], [1, 1]]
-    logits = torch.tensor([[[0.0, 1.0], [2.0, 1.0]]])
-    assert tokens_per_expert(RoutingSummary(family='soft', logits=logits)).tolist() == [[1, 1]]
 
 
 # --- issue #11.4: only real APs are averaged; ground truth clipped like predictions ---

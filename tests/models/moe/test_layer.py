@@ -4,21 +4,13 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from damex.models.moe import MoEFFN, routing_targets, upcycle_from_ffn
-
-SPARSE_ROUTERS = ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter', 'SinkhornTokenChoiceRouter',
-                  'SoftmaxExpertChoiceRouter', 'SinkhornExpertChoiceRouter',
-                  'SparsityConstrainedExpertChoiceRouter']
-ALL_ROUTERS = SPARSE_ROUTERS + ['SoftMoERouter']
-D, H = 16, 32
+from damex.models.moe.op_count import count_top_level_ops
+from damex.testing import (ALL_ROUTERS, CROSS_TOKEN_ROUTERS, MOE_D as D, MOE_H as H,
+                           SPARSE_ROUTERS, make_eval_layer, make_moe_layer)
 
 
 def make_layer(router, num_experts=4, **kwargs):
-    torch.manual_seed(0)
-    router_cfg = dict(type=router)
-    if router == 'SoftMoERouter':
-        router_cfg.update(tokens_per_group=8, slots_per_expert=2)
-    return MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=num_experts,
-                  router=router_cfg, **kwargs)
+    return make_moe_layer(router, num_experts, slots_per_expert=2, **kwargs)
 
 
 def expert_reference(layer, e, x):
@@ -344,3 +336,72 @@ def test_upcycled_layer_with_a_shared_expert_computes_the_dense_ffn():
     fresh = make_layer('DatasetAwareRouter', shared_expert=dict(feedforward_channels=H)).eval()
     fresh.load_state_dict({**dense.state_dict(), 'router.gate.weight': fresh.router.gate.weight})
     torch.testing.assert_close(fresh(x), dense(x), rtol=1e-6, atol=1e-6)
+
+
+# --- routing groups: batch independence, cross-token routers, op counts ---
+
+@pytest.mark.parametrize('router', SPARSE_ROUTERS)
+def test_layer_passes_capacity_multiple_of_to_router(router):
+    layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=4,
+                   router=dict(type=router), capacity_factor=0.5, capacity_multiple_of=4).eval()
+    assert layer.router.capacity_multiple_of == 4
+    layer(torch.randn(1, 10, D), routing_targets=torch.tensor([0]))
+    per_expert = layer.last_routing.dispatch_mask.reshape(-1, 4).sum(0)
+    assert per_expert.max() <= 4  # ceil(10 * 0.5 / 4) = 2 -> 4
+    if router in CROSS_TOKEN_ROUTERS[1:]:  # expert choice fills every slot
+        assert per_expert.tolist() == [4, 4, 4, 4]
+
+
+
+
+@pytest.mark.parametrize('capacity_factor', [None, 0.75])
+@pytest.mark.parametrize('router', SPARSE_ROUTERS + ['SoftMoERouter'])
+def test_image_result_does_not_depend_on_batch_mates(router, capacity_factor):
+    layer = make_eval_layer(router, capacity_factor=capacity_factor)
+    assert layer.group_size == 'image'
+    torch.manual_seed(1)
+    x = torch.randn(3, 24, D) + torch.randn(3, 1, D)  # images that look different
+    batched = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+
+
+
+@pytest.mark.parametrize('router', CROSS_TOKEN_ROUTERS)
+def test_batch_grouping_mixes_images_for_cross_token_routers(router):
+    layer = make_eval_layer(router, group_size='batch')
+    torch.manual_seed(1)
+    x = torch.randn(3, 24, D) + 2 * torch.randn(3, 1, D)
+    batched = layer(x)
+    alone = torch.cat([layer(x[i:i + 1]) for i in range(3)])
+    assert (batched - alone).abs().max() > 1e-3
+
+
+
+def test_forced_routing_with_soft_moe_is_an_error():
+    layer = make_eval_layer('SoftMoERouter').train()
+    layer.force_targets = True
+    with pytest.raises(ValueError, match='Soft MoE'):
+        layer(torch.randn(2, 8, D), routing_targets=torch.tensor([0, 1]))
+
+
+
+@pytest.mark.parametrize('router', ['SoftmaxTokenChoiceRouter', 'DatasetAwareRouter',
+                                    'SinkhornTokenChoiceRouter', 'SoftmaxExpertChoiceRouter',
+                                    'SinkhornExpertChoiceRouter',
+                                    'SparsityConstrainedExpertChoiceRouter'])
+def test_op_count_does_not_grow_with_images_or_experts(router):
+    """One router call per layer and grouped-GEMM experts: as many ops for 8 images as for
+    2, and for 16 experts as for 4 (per-image routing groups, training mode)."""
+    def ops(images, experts):
+        torch.manual_seed(0)
+        torch.manual_seed(0)
+        cfg = dict(type=router)
+        layer = MoEFFN(embed_dims=D, feedforward_channels=H, num_experts=experts,
+                       router=cfg).train()
+        x = torch.randn(images, 32, D, requires_grad=True)
+        targets = torch.arange(images) % experts
+        return count_top_level_ops(lambda: layer(x, routing_targets=targets).sum().backward())
+
+    assert abs(ops(8, 4) - ops(2, 4)) <= 2
+    assert abs(ops(2, 16) - ops(2, 4)) <= 2
