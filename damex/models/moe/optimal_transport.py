@@ -6,6 +6,7 @@ Neither is differentiated: routers use the plan only to choose, and take their c
 weights from the router softmax (as the reference, google-research/vmoe).
 """
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -36,20 +37,23 @@ def sinkhorn_plan(scores: Tensor, num_iters: int = 20, epsilon: float = 1.0) -> 
     return torch.exp(kernel + u + v)
 
 
-def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
+def project_k_sparse_simplex(values: Tensor, k: int, inverse_rank: Optional[Tensor] = None
+                             ) -> Tensor:
     """Euclidean projection of each row of ``values`` onto the k-sparse probability simplex.
 
     Keep the k largest entries of a row, project them onto the simplex, zero the rest
     (Kyrillidis et al. 2013). values: (..., M). Returns (..., M) rows with <= k non-zeros.
+    ``inverse_rank``: 1 / (1, ..., k) in ``values``' dtype, for callers that project in a
+    loop (it is the same every time).
     """
     k = min(k, values.shape[-1])
+    if inverse_rank is None or inverse_rank.numel() != k:
+        inverse_rank = 1.0 / torch.arange(1, k + 1, device=values.device, dtype=values.dtype)
     # the k largest values, descending (their order among equal values does not matter here)
     top = torch.topk(values, k, dim=-1).values
-    cumsum = top.cumsum(dim=-1) - 1.0
-    rank = torch.arange(1, k + 1, device=values.device, dtype=values.dtype)
-    support = (top - cumsum / rank) > 0
-    support_size = support.sum(dim=-1, keepdim=True).clamp(min=1)
-    tau = cumsum.gather(-1, support_size - 1) / support_size.to(values.dtype)
+    cumsum = top.cumsum(dim=-1).sub_(1.0)
+    support_size = (top > cumsum * inverse_rank).sum(dim=-1, keepdim=True).clamp_(min=1)
+    tau = cumsum.gather(-1, support_size - 1).div_(support_size)
     # which k entries are kept: all above the k-th value, then those equal to it, lower
     # index first (the reference's order); elementwise, cheaper than a full stable sort
     kth = top[..., -1:]
@@ -57,7 +61,7 @@ def project_k_sparse_simplex(values: Tensor, k: int) -> Tensor:
     tied = values == kth
     room = k - above.sum(dim=-1, keepdim=True)
     kept = above | (tied & (tied.cumsum(dim=-1) <= room))
-    return torch.where(kept, (values - tau).clamp(min=0), torch.zeros_like(values))
+    return (values - tau).clamp_(min=0).mul_(kept)
 
 
 @torch.no_grad()
@@ -72,26 +76,32 @@ def sparsity_constrained_plan(similarity: Tensor, k: int, gamma: float = 1.0,
     projection of (alpha - C[:, e]) / (gamma * b_e) onto the k-sparse simplex.
     similarity: (..., T, E), e.g. softmax(logits); leading dims are independent problems
     (routing groups solved in one batched pass). Returns the plan (..., T, E).
+
+    Cost: a fixed number of ops per iteration, whatever T, E or the number of groups (the
+    solve runs in place on the potentials, scaled by 1 / (gamma * b), which changes no
+    step: Adam's update is invariant to the gradient's scale, and the gradient here is the
+    plan's row sums, not a derivative in alpha).
     """
     num_tokens, num_experts = similarity.shape[-2:]
-    sim = similarity.float()
     col_mass = float(num_tokens) / num_experts
     scale = gamma * col_mass
+    # (..., E, T): one k-sparse simplex projection per expert column, on (alpha + sim) / scale
+    sim = (similarity.float() / scale).transpose(-1, -2)
+    k = min(k, num_tokens)
+    inverse_rank = 1.0 / torch.arange(1, k + 1, device=sim.device, dtype=sim.dtype)
 
     def column_projection(alpha: Tensor) -> Tensor:
-        # (..., E, T): one k-sparse simplex projection per expert column.
-        return project_k_sparse_simplex(((alpha[..., None] + sim) / scale).transpose(-1, -2), k)
+        return project_k_sparse_simplex(alpha[..., None, :] + sim, k, inverse_rank)
 
-    alpha = sim.new_zeros(sim.shape[:-1])  # (..., T)
+    alpha = sim.new_zeros(sim.shape[:-2] + sim.shape[-1:])  # (..., T), in units of scale
     # Adam on the semi-dual; its gradient is (row sums of the plan) - a, by Danskin's theorem.
     m = torch.zeros_like(alpha)
     s = torch.zeros_like(alpha)
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     for step in range(1, num_iters + 1):
-        grad = col_mass * column_projection(alpha).sum(dim=-2) - 1.0
-        m = beta1 * m + (1 - beta1) * grad
-        s = beta2 * s + (1 - beta2) * grad * grad
-        m_hat = m / (1 - beta1 ** step)
-        s_hat = s / (1 - beta2 ** step)
-        alpha = alpha - lr * m_hat / (s_hat.sqrt() + eps)
-    return col_mass * column_projection(alpha).transpose(-1, -2)
+        grad = column_projection(alpha).sum(dim=-2).mul_(col_mass).sub_(1.0)
+        m.mul_(beta1).add_(grad, alpha=1 - beta1)
+        s.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = s.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+        alpha.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step) / scale)
+    return column_projection(alpha).transpose(-1, -2).mul_(col_mass)
