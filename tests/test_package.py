@@ -1,6 +1,7 @@
 """The package registers itself, configs inherit mmdet's, and runs save and resume."""
 import os
 
+import pytest
 import torch
 from mmengine.config import Config
 from mmengine.runner import Runner
@@ -32,6 +33,7 @@ def test_config_uses_custom_imports_and_mmdet_inheritance():
     assert cfg.model.bbox_head.loss_bbox.loss_weight == 5.0
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_runner_trains_saves_and_resumes(tmp_path, demo_data):
     cfg = tiny_demo_config(tmp_path, max_iters=2)
     runner = Runner.from_cfg(cfg)

@@ -68,6 +68,7 @@ def corrupt_folder(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_print_mixture_check_images_lists_unreadable_files(tmp_path):
     folder = corrupt_folder(tmp_path / 'trees')
     config = tmp_path / 'cfg.py'

@@ -130,6 +130,7 @@ def test_split_tool_keeps_every_object_fully_inside_a_patch(tmp_path, sample_dat
         coco['annotations'])
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_print_mixture_lists_datasets_and_checks_files(demo_data):
     result = subprocess.run([sys.executable, 'tools/misc/print_mixture.py',
                              'configs/demo/damex_demo.py'], cwd=REPO, capture_output=True,

@@ -144,6 +144,7 @@ def last_checkpoint(work_dir):
     return open(osp.join(work_dir, 'last_checkpoint')).read().strip()
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_checkpoints_are_committed_in_order(two_checkpoints):
     names = os.listdir(two_checkpoints)
     assert not [n for n in names if n.endswith('.partial')]
@@ -152,6 +153,7 @@ def test_checkpoints_are_committed_in_order(two_checkpoints):
     assert state['message_hub']['runtime_info']['keep_ckpt_ids'] == [1, 2]
 
 
+@pytest.mark.slow  # trains or spawns a process
 @pytest.mark.parametrize('damage', ['missing', 'truncated', 'no_pointer'])
 def test_resume_falls_back_to_the_newest_complete_checkpoint(two_checkpoints, tmp_path, damage):
     work_dir = tmp_path / 'w'
@@ -177,6 +179,7 @@ def test_resume_falls_back_to_the_newest_complete_checkpoint(two_checkpoints, tm
     assert runner.iter == 3 and why_unloadable(str(work_dir / 'iter_3.pth')) is None
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_resume_removes_what_a_kill_before_the_removal_left(demo_data, tmp_path):
     import shutil
     cfg = tiny_demo_config(tmp_path, max_iters=2)  # max_keep_ckpts=1: only iter_2.pth
@@ -191,6 +194,7 @@ def test_resume_removes_what_a_kill_before_the_removal_left(demo_data, tmp_path)
     assert f'removed {tmp_path / "iter_1.pth"}, outdated (max_keep_ckpts=1)' in log
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_resume_without_any_complete_checkpoint_is_an_error(demo_data, tmp_path):
     (tmp_path / 'iter_1.pth').write_bytes(b'truncated')
     (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'iter_1.pth'))
@@ -204,6 +208,7 @@ def test_resume_without_any_complete_checkpoint_is_an_error(demo_data, tmp_path)
     assert runner.iter == 0
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_test_with_another_moe_placement_is_an_error(two_checkpoints, tmp_path):
     result = subprocess.run(
         [sys.executable, 'tools/test.py', 'configs/demo/damex_demo.py',
@@ -220,6 +225,7 @@ def test_test_with_another_moe_placement_is_an_error(two_checkpoints, tmp_path):
     assert 'the MoE placement (model.moe.encoder_layers / model.moe.decoder_layers' in err
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_other_loaders_refuse_a_checkpoint_of_another_model(two_checkpoints, demo_data):
     from mmdet.apis import init_detector
     from damex.models.checkpoint_match import CheckpointMismatchError
@@ -243,6 +249,7 @@ def test_other_loaders_refuse_a_checkpoint_of_another_model(two_checkpoints, dem
         model.load_state_dict(state)
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_fine_tuning_with_load_from_stays_non_strict(two_checkpoints, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     cfg.load_from = str(two_checkpoints / 'iter_2.pth')

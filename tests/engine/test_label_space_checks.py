@@ -10,6 +10,7 @@ from mmengine.runner import Runner
 from damex.testing import REPO, tiny_demo_config
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_too_few_classes_fail_before_the_first_iteration(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     cfg.model.bbox_head.num_classes = 4  # the demo mixture has 5 unified classes
@@ -20,6 +21,7 @@ def test_too_few_classes_fail_before_the_first_iteration(demo_data, tmp_path):
     assert runner.iter == 0
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_too_few_classes_fail_in_the_model_without_the_hook(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     cfg.model.bbox_head.num_classes = 4
@@ -30,6 +32,7 @@ def test_too_few_classes_fail_in_the_model_without_the_hook(demo_data, tmp_path)
         runner.train()
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_resume_with_another_number_of_experts_names_the_layer(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     Runner.from_cfg(copy.deepcopy(cfg)).train()
@@ -44,6 +47,7 @@ def test_resume_with_another_number_of_experts_names_the_layer(demo_data, tmp_pa
     assert not osp.exists(tmp_path / 'iter_2.pth')
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_print_mixture_fails_on_a_wrong_num_classes(demo_data, tmp_path):
     config = tmp_path / 'wrong.py'
     config.write_text(f"_base_ = '{REPO}/configs/demo/damex_demo.py'\n"

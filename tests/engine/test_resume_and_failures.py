@@ -23,6 +23,7 @@ def train_losses(runner):
 
 @pytest.mark.parametrize('config', ['configs/demo/damex_demo.py',
                                     'configs/demo/moe_auxfree_demo.py'])
+@pytest.mark.slow  # trains or spawns a process
 def test_resumed_run_continues_with_the_same_losses(demo_data, tmp_path, config):
     # the aux-free config: its expert bias (a buffer moved every step) resumes bit-exactly
     straight = Runner.from_cfg(deterministic(tiny_demo_config(tmp_path / 'straight', config,
@@ -73,6 +74,7 @@ def test_non_finite_router_logits_raise_naming_the_layer(tiny_model):
     assert all(layer.context_targets is None for layer in model.moe_layers.values())
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_images_without_objects_or_with_only_ignored_objects_train(demo_data, tmp_path):
     import shutil
     root = tmp_path / 'odd'
@@ -97,6 +99,7 @@ def test_images_without_objects_or_with_only_ignored_objects_train(demo_data, tm
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_expert_map_and_number_of_experts_disagree_fails_before_training(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=2)
     cfg.model.moe.num_experts = 2  # the demo mixture maps 'signs' to expert 2

@@ -38,6 +38,7 @@ def test_telemetry_by_hand_on_a_fixed_routing():
     assert stats['entropy'].item() == pytest.approx(entropy.item(), rel=1e-6)
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_telemetry_keys_in_scalars_json(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=2)
     # a visualizer of its own: mmengine reuses an instance of the same name (and its dir)
@@ -92,6 +93,7 @@ def train_with_forcing(work_dir, max_iters, resume=False):
     return runner, recorder.record
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_forced_routing_for_the_first_iterations_then_the_router(demo_data, tmp_path):
     runner, record = train_with_forcing(tmp_path, 4)
     assert [r[1] == 1.0 for r in record[:2]] == [True, True]  # iterations 0 and 1
@@ -99,6 +101,7 @@ def test_forced_routing_for_the_first_iterations_then_the_router(demo_data, tmp_
     assert all(not layer.force_targets for layer in runner.model.moe_layers.values())
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_forced_routing_across_a_resume(demo_data, tmp_path):
     train_with_forcing(tmp_path, 1)  # iteration 0, checkpoint iter_1
     _, record = train_with_forcing(tmp_path, 3, resume=True)  # iterations 1 and 2

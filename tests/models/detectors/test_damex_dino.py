@@ -145,6 +145,7 @@ def test_dense_checkpoint_upcycles_into_every_expert(tiny):
             assert torch.equal(layer.experts.fc1_weight[e], fc1)
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_runner_checkpoint_loads_back_and_predicts_the_same_boxes(demo_data, tmp_path):
     cfg = tiny_demo_config(tmp_path, max_iters=1)
     runner = Runner.from_cfg(cfg)

@@ -72,6 +72,7 @@ def run_plan(config, out, *args):
     return json.load(open(out)), result.stdout
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_plan_tool_puts_same_domain_datasets_together(demo_data, tmp_path):
     # aerial and aerial-copy: the same images; signs and signs-stop: the same images with
     # another label space; trees: another domain
@@ -105,6 +106,7 @@ def test_plan_tool_puts_same_domain_datasets_together(demo_data, tmp_path):
     assert again['experts'] == experts
 
 
+@pytest.mark.slow  # trains or spawns a process
 def test_plan_initialised_router_routes_right_at_step_0(demo_data, tmp_path):
     config = write_config(tmp_path)
     plan_file = tmp_path / 'plan.json'
