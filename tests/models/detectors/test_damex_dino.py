@@ -181,3 +181,26 @@ def test_one_training_step_under_cpu_autocast(tiny):
         assert layer.aux_losses['damex'].dtype == torch.float32
         grad = layer.experts.fc1_weight.grad
         assert grad.dtype == torch.float32 and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_the_dataset_scoped_generator_is_built_as_such_with_the_plain_init(tmp_path):
+    # issue #20: no class patching; the scoped generator has the state a plain one would,
+    # and the random stream after it is the same, so every other parameter is too
+    from mmdet.models.layers.transformer.dino_layers import CdnQueryGenerator
+
+    from damex.models.layers import DatasetScopedCdnQueryGenerator
+    cfg = tiny_demo_config(tmp_path)
+    models = {}
+    for scope in ('dataset', 'all'):
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.bbox_head.loss_scope = scope
+        model_cfg.backbone.init_cfg = None  # nothing to download
+        torch.manual_seed(0)
+        models[scope] = MODELS.build(model_cfg)
+        models[scope].init_weights()  # (level_embed is uninitialised memory before)
+    scoped, plain = models['dataset'].dn_query_generator, models['all'].dn_query_generator
+    assert type(scoped) is DatasetScopedCdnQueryGenerator and type(plain) is CdnQueryGenerator
+    scoped_state, plain_state = models['dataset'].state_dict(), models['all'].state_dict()
+    assert scoped_state.keys() == plain_state.keys()
+    for key, value in scoped_state.items():
+        assert torch.equal(value, plain_state[key]), key
