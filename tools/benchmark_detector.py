@@ -33,6 +33,7 @@ from mmdet.structures import DetDataSample
 from mmengine.structures import InstanceData
 
 import damex  # noqa: F401
+from damex.compat import silence_known_warnings
 
 
 def synthetic_batch(size, batch, num_classes, num_experts, seed=0):
@@ -95,6 +96,7 @@ def stock_dino_config(damex_cfg):
 
 
 def main():
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--config', default='configs/damex/damex-dino-e8_r50_4scale_8xb2-12e_uodb.py')
     parser.add_argument('--size', type=int, default=512)

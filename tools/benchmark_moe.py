@@ -33,6 +33,7 @@ import time
 import torch
 from mmcv.cnn.bricks.transformer import FFN
 
+from damex.compat import silence_known_warnings
 from damex.models.moe import MoEFFN, upcycle_from_ffn
 from damex.models.moe.op_count import count_top_level_ops
 
@@ -165,6 +166,7 @@ def bench(router, tokens, experts, top_k, args, dtype, shared=None):
 
 
 def main():
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--tokens', type=int, nargs='+', default=[8192, 22000])
     parser.add_argument('--experts', type=int, nargs='+', default=[4, 8])

@@ -138,6 +138,9 @@ class PerDatasetCocoMetric(BaseMetric):
         self.save_heatmaps = save_heatmaps
         self.iou_thrs = iou_thrs
         self.heatmap_files: List[str] = []
+        #: per dataset of the last evaluation, what COCOeval got (coco_gt, detections,
+        #: img_ids, cat_ids): for bootstrap intervals (:mod:`damex.evaluation.bootstrap`)
+        self.evaluation_inputs: Dict[str, dict] = {}
 
     def process(self, data_batch, data_samples: Sequence[dict]) -> None:
         for sample in data_samples:
@@ -164,6 +167,7 @@ class PerDatasetCocoMetric(BaseMetric):
         metrics: Dict[str, float] = {}
         table = [['dataset', 'images', *COCO_KEYS]]
         defined = []
+        self.evaluation_inputs = {}
         for dataset_id, entry in enumerate(label_space.datasets):
             images = [r for r in results if r['dataset_id'] == dataset_id]
             stats = self.evaluate_dataset(label_space, dataset_id, entry, images)
@@ -219,8 +223,10 @@ class PerDatasetCocoMetric(BaseMetric):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 detections.append(dict(image_id=image['img_id'], category_id=cat_ids[label],
                                        bbox=[x1, y1, x2 - x1, y2 - y1], score=float(score)))
-        return coco_box_ap(coco_gt, detections, [i['img_id'] for i in images], self.iou_thrs,
-                           cat_ids)
+        img_ids = [i['img_id'] for i in images]
+        self.evaluation_inputs[entry.name] = dict(coco_gt=coco_gt, detections=detections,
+                                                  img_ids=img_ids, cat_ids=list(cat_ids))
+        return coco_box_ap(coco_gt, detections, img_ids, self.iou_thrs, cat_ids)
 
     def routing_metrics(self, label_space: LabelSpace, results: list, logger) -> Dict[str, float]:
         routed = [r for r in results if 'routing_counts' in r]

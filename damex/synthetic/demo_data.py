@@ -154,18 +154,23 @@ def write_signs(out: str, num_images: int = 8, size: int = 256) -> None:
             json.dump(dict(images=images, annotations=annotations, categories=categories), f)
 
 
-def write_once(out_dir: str, write, force: bool = False) -> str:
+def write_once(out_dir: str, write, force: bool = False, version: str = '') -> str:
     """Call ``write(out_dir)`` on an empty ``out_dir`` unless a finished copy is there.
 
     A ``.complete`` stamp, written last, marks a finished copy, so an interrupted run is
-    redone from scratch rather than leaving half a dataset.
+    redone from scratch rather than leaving half a dataset. It holds ``version`` (what the
+    writer writes, e.g. its split sizes): a copy written with another version is rewritten,
+    never silently reused.
     """
     stamp = osp.join(out_dir, '.complete')
     if osp.exists(stamp) and not force:
-        return out_dir
+        with open(stamp) as f:
+            if f.read() == version:
+                return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
     write(out_dir)
-    open(stamp, 'w').close()
+    with open(stamp, 'w') as f:
+        f.write(version)
     return out_dir
 
 

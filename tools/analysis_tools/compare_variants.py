@@ -19,11 +19,15 @@ layer, 30 queries, 256 px; MoE in decoder layers 0, 2, 4):
 - ``damex-forced``: DAMEX, hand map, every token forced to its expert for the first 20% of
   the iterations (``ForcedRoutingHook``);
 - ``damex-shared``: DAMEX, hand map, with a shared expert of width ``SHARED_EXPERT_WIDTH``.
-Reports per-dataset AP and AP50 on the validation images, mean AP, routing accuracy on
-validation images (against each variant's own map; the vanilla MoE against the hand map),
-routing accuracy at 10% of training (telemetry), seconds per iteration: mean and spread
-(min-max) over seeds. Writes a markdown table and a plot of training routing accuracy over
-iterations per variant.
+Reports per-dataset AP and the mean AP on the validation images with a 90% bootstrap
+interval over validation images (images resampled within each dataset, seeds pooled:
+:mod:`damex.evaluation.bootstrap`); the mean AP again with ``dataset_aware=False`` (the
+whole trained label space scored: no dataset id at inference, the DAMEX claim), with its
+interval; routing accuracy on validation images (against each variant's own map; the
+vanilla MoE against the hand map), routing accuracy at 10% of training (telemetry) and
+seconds per iteration (mean and min-max over seeds). Writes a markdown table, the pairs of
+variants whose mean-AP intervals do not overlap, and a plot of training routing accuracy
+over iterations per variant.
 """
 import argparse
 import glob
@@ -39,6 +43,8 @@ from matplotlib.figure import Figure
 from mmengine.config import Config
 from mmengine.runner import Runner
 
+from damex.compat import silence_known_warnings
+from damex.evaluation.bootstrap import DatasetEvaluation, bootstrap_ap
 from damex.synthetic import make_heldout_data
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -151,10 +157,19 @@ def run(variant, root, seed, iters, work_dir):
     cfg.visualizer = dict(cfg.visualizer, name=f'visualizer_{variant}_seed{seed}')
     runner = Runner.from_cfg(cfg)
     runner.train()
+    metric = runner.val_loop.evaluator.metrics[0]
     metrics = runner.val()
+    evaluations = {name: DatasetEvaluation(**inputs)
+                   for name, inputs in metric.evaluation_inputs.items()}
+    runner.model.bbox_head.dataset_aware = False  # the whole trained label space scored
+    agnostic = runner.val()
+    agnostic_evaluations = {name: DatasetEvaluation(**inputs)
+                            for name, inputs in metric.evaluation_inputs.items()}
     rows = scalars(work_dir)
     result = dict(variant=variant, seed=seed, metrics=metrics,
-                  seconds_per_iter=float(np.mean([r['time'] for r in rows[2:]] or [np.nan])))
+                  agnostic_mean_ap=agnostic.get('mean/bbox_mAP'),
+                  seconds_per_iter=float(np.mean([r['time'] for r in rows[2:]] or [np.nan])),
+                  _evaluations=evaluations, _agnostic_evaluations=agnostic_evaluations)
     curve = [(r['iter'], r['routing/train_accuracy']) for r in rows
              if 'routing/train_accuracy' in r]
     result['routing_curve'] = curve
@@ -173,26 +188,58 @@ def summary(values):
     return f'{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})'
 
 
-def table(results, iters):
-    names = [d for d, _, _ in DATASETS]
-    header = (['variant'] + [f'{n} AP / AP50' for n in names] +
-              ['mean AP', 'routing acc. (val)', f'routing acc. @{iters // 10} it', 's / it'])
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+def interval(value):
+    ap, low, high = value
+    return f'{ap:.3f} [{low:.3f}, {high:.3f}]'
+
+
+def intervals(results, num_samples):
+    """Per variant: bootstrap (AP, low, high) per dataset and of the mean, dataset-aware and
+    not (seeds pooled)."""
+    out = {}
     for variant in VARIANTS:
         runs = [r for r in results if r['variant'] == variant]
-        if not runs:
-            continue
+        if runs:
+            out[variant] = dict(
+                aware=bootstrap_ap([r['_evaluations'] for r in runs], num_samples),
+                agnostic=bootstrap_ap([r['_agnostic_evaluations'] for r in runs],
+                                      num_samples)['mean'])
+    return out
+
+
+def table(results, iters, bootstrapped):
+    names = [d for d, _, _ in DATASETS]
+    header = (['variant'] + [f'{n} AP' for n in names] +
+              ['mean AP', 'mean AP, dataset_aware=False', 'routing acc. (val)',
+               f'routing acc. @{iters // 10} it', 's / it'])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for variant, boot in bootstrapped.items():
+        runs = [r for r in results if r['variant'] == variant]
         cells = [variant]
         for name in names:
-            ap = [r['metrics'].get(f'{name}/bbox_mAP') for r in runs]
-            ap50 = [r['metrics'].get(f'{name}/bbox_mAP_50') for r in runs]
-            cells.append(f'{summary(ap)} / {summary(ap50)}')
-        cells.append(summary([r['metrics'].get('mean/bbox_mAP') for r in runs]))
+            cells.append(interval(boot['aware'][name]) if name in boot['aware'] else 'n/a')
+        cells.append(interval(boot['aware']['mean']))
+        cells.append(interval(boot['agnostic']))
         cells.append(summary([r['metrics'].get('routing/accuracy') for r in runs]))
         cells.append(summary([r.get('routing_at_10pct') for r in runs]))
         cells.append(summary([r['seconds_per_iter'] for r in runs]))
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
+
+
+def separated_pairs(bootstrapped, key='mean'):
+    """Pairs of variants whose mean-AP intervals do not overlap (a conservative test), at
+    the table's precision (3 decimals)."""
+    pairs = []
+    items = list(bootstrapped.items())
+    for i, (a, boot_a) in enumerate(items):
+        for b, boot_b in items[i + 1:]:
+            (ap_a, low_a, high_a), (ap_b, low_b, high_b) = (
+                [round(v, 3) for v in boot_a['aware'][key]],
+                [round(v, 3) for v in boot_b['aware'][key]])
+            if low_a > high_b or low_b > high_a:
+                pairs.append((a, b) if ap_a > ap_b else (b, a))
+    return pairs
 
 
 def plot(results, path):
@@ -218,6 +265,7 @@ def plot(results, path):
 
 
 def main():
+    silence_known_warnings()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--iters', type=int, default=250)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
@@ -226,6 +274,8 @@ def main():
     parser.add_argument('--data', default=osp.join(ROOT, 'data', 'heldout'))
     parser.add_argument('--out-md', default=None)
     parser.add_argument('--plot', default=None)
+    parser.add_argument('--bootstrap', type=int, default=200,
+                        help='bootstrap replicates of the validation images (default 200)')
     args = parser.parse_args()
     root = make_heldout_data(args.data)
     start = time.time()
@@ -235,17 +285,23 @@ def main():
             print(f'[{time.time() - start:7.0f} s] {variant}, seed {seed}', flush=True)
             work_dir = osp.join(args.work_dir, f'{variant}_seed{seed}')
             results.append(run(variant, root, seed, args.iters, work_dir))
+    print(f'[{time.time() - start:7.0f} s] bootstrap ({args.bootstrap} replicates)', flush=True)
+    bootstrapped = intervals(results, args.bootstrap)
     elapsed = time.time() - start
-    markdown = table(results, args.iters)
+    markdown = table(results, args.iters, bootstrapped)
     plans = {r['seed']: r['plan'] for r in results if 'plan' in r}
-    text = (f'{args.iters} iterations, seeds {args.seeds}, {elapsed / 60:.1f} min in all\n\n'
-            f'{markdown}\n\nplanned maps: {json.dumps(plans)}\n')
+    separated = separated_pairs(bootstrapped)
+    text = (f'{args.iters} iterations, seeds {args.seeds}, {elapsed / 60:.1f} min in all; '
+            f'AP [90% bootstrap interval over validation images, seeds pooled]\n\n'
+            f'{markdown}\n\nmean AP intervals that do not overlap (higher first): '
+            f'{separated or "none"}\n\nplanned maps: {json.dumps(plans)}\n')
     print(text)
     out_md = args.out_md or osp.join(args.work_dir, 'compare_variants.md')
     with open(out_md, 'w') as f:
         f.write(text)
     with open(osp.join(args.work_dir, 'compare_variants.json'), 'w') as f:
-        json.dump(results, f, indent=1)
+        json.dump(dict(runs=[{k: v for k, v in r.items() if not k.startswith('_')}
+                             for r in results], intervals=bootstrapped), f, indent=1)
     plot_path = args.plot or osp.join(args.work_dir, 'routing_accuracy.png')
     plot(results, plot_path)
     print(f'wrote {out_md} and {plot_path}')
