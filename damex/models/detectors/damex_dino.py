@@ -18,7 +18,7 @@ from ..layers import DatasetScopedCdnQueryGenerator
 from ..moe import MoEFFN, routing_targets
 from ..moe.telemetry import routing_telemetry, tokens_per_expert
 
-#: where checkpoints of damex <= 0.1 kept the label space (the head); loaded from there too
+#: where checkpoints of earlier releases kept the label space (the head); loaded from there too
 LEGACY_LABEL_SPACE_KEY = 'bbox_head.label_space_bytes'
 
 DEFAULT_MOE = dict(
@@ -102,8 +102,8 @@ class DAMEXDINO(DINO):
         return scoped
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """Restore the trained label space (from today's key or the head's, as damex <= 0.1
-        saved it); the pre-hook then checks the rest of the state dict."""
+        """Restore the trained label space (from today's key, or from the head's, where
+        earlier releases saved it); the pre-hook then checks the rest of the state dict."""
         key, legacy = prefix + 'label_space_bytes', prefix + LEGACY_LABEL_SPACE_KEY
         if legacy in state_dict:
             value = state_dict.pop(legacy)

@@ -153,10 +153,8 @@ class MoEFFN(BaseModule):
         return identity + self.dropout_layer(out)
 
     def route(self, x: Tensor, targets: Optional[Tensor]):
-        """Route x (B, N, D) group by group (see ``group_size``); targets: (B,) or None.
-
-        Returns one SparseRouting (or SoftRouting) over the B*N flattened tokens.
-        """
+        """Route x (B, N, D) in its routing groups (see ``group_size``) with one router call;
+        targets: (B,) or None. Returns the router family's routing over the B*N tokens."""
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         batch, num_tokens = x.shape[:2]
         tokens = x.reshape(-1, self.embed_dims)
