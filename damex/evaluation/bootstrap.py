@@ -66,9 +66,9 @@ def bootstrap_ap(runs: Sequence[Dict[str, DatasetEvaluation]], num_samples: int 
     of the mean too; a replicate that draws no ground truth for a dataset is not counted for
     it (and the mean takes the datasets defined in that replicate).
     """
-    names = [name for name in runs[0]
-             if all(r[name].box_ap() != UNDEFINED for r in runs)]
-    point = {name: float(np.mean([r[name].box_ap() for r in runs])) for name in names}
+    full = {name: [r[name].box_ap() for r in runs] for name in runs[0]}
+    names = [name for name, aps in full.items() if UNDEFINED not in aps]
+    point = {name: float(np.mean(full[name])) for name in names}
     rng = np.random.default_rng(seed)
     replicates: Dict[str, List[float]] = {name: [] for name in names + ['mean']}
     for _ in range(num_samples):
