@@ -13,6 +13,7 @@ It returns one routing type per family (see :mod:`..routing`):
 :class:`~..routing.TokenChoiceRouting`, :class:`~..routing.ExpertChoiceRouting` or
 :class:`~..routing.SoftRouting`.
 """
+from abc import ABCMeta, abstractmethod
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -29,7 +30,7 @@ def full_precision_linear(x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x.to(dtype), weight.to(dtype))
 
 
-class BaseRouter(nn.Module):
+class BaseRouter(nn.Module, metaclass=ABCMeta):
     """A router maps tokens (T, D), cut into routing groups, to a routing over E experts.
 
     Args:
@@ -57,10 +58,11 @@ class BaseRouter(nn.Module):
         self.use_z_loss = use_z_loss
         self.capacity_multiple_of = capacity_multiple_of
 
+    @abstractmethod
     def forward(self, tokens: Tensor, targets: Optional[Tensor] = None,
                 capacity_factor: Optional[float] = None,
                 groups: Optional[Sequence[Tuple[int, int]]] = None):
-        raise NotImplementedError
+        """The router contract (module docstring): each family returns its routing."""
 
     def capacity(self, num_tokens: int, capacity_factor: Optional[float],
                  top_k: int = 1) -> Optional[int]:
