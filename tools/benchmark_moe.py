@@ -21,7 +21,12 @@ per-repeat ratios (paired runs cancel machine drift). Columns:
 expert change every step, and oneDNN builds a GEMM primitive per new shape, so bf16 on a
 CPU needs ~20 steps to reach its steady state.
 ``--dtype bf16`` / ``fp16`` run both layers (float32 parameters) under ``torch.autocast``,
-as mmengine's ``AmpOptimWrapper`` does.
+as mmengine's ``AmpOptimWrapper`` does. Gradients are set to None before every step, as
+``OptimWrapper.zero_grad`` does in training (so no step adds into the last one's).
+On a CPU, glibc is first told to keep the memory a step frees
+(:func:`damex.cpu_allocator.keep_freed_memory`), as a caching allocator does, so that
+steps are not timed with thousands of page faults; ``--system-allocator`` keeps glibc's
+defaults. ``faults``: minor page faults per timed MoE step.
 Needs only torch, mmengine and mmcv's FFN (mmcv-lite is enough).
 """
 import argparse
@@ -34,6 +39,7 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from damex.compat import silence_known_warnings
+from damex.cpu_allocator import keep_freed_memory, minor_page_faults
 from damex.models.moe import MoEFFN, upcycle_from_ffn
 from damex.models.moe.op_count import count_top_level_ops
 
@@ -85,7 +91,9 @@ class ActivationMemory:
         return self.bytes
 
 
-def run_step(fn, device) -> float:
+def run_step(fn, device, leaves=()) -> float:
+    for leaf in leaves:  # as OptimWrapper.zero_grad: the step's gradients start as None
+        leaf.grad = None
     if device == 'cuda':
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -143,18 +151,26 @@ def bench(router, tokens, experts, top_k, args, dtype, shared=None):
         runs['moe_cf'] = lambda: capped(x, routing_targets=targets)
         runs['einsum'] = lambda: einsum_moe(capped, x, targets)
     runs = {name: under_autocast(fn, device, dtype) for name, fn in runs.items()}
+    leaves = [x, *dense.parameters(), *moe.parameters()]
+    if 'moe_cf' in runs:
+        leaves += list(capped.parameters())
     for _ in range(args.warmup):  # steady state: router noise changes the shapes every step
         for fn in runs.values():
-            run_step(fn, device)
+            run_step(fn, device, leaves)
     times = {name: [] for name in runs}
+    faults = 0
     for _ in range(args.repeats):
         for name, fn in runs.items():  # interleaved
-            times[name].append(run_step(fn, device))
+            before = minor_page_faults()
+            times[name].append(run_step(fn, device, leaves))
+            if name == 'moe':
+                faults += minor_page_faults() - before
     ratio = statistics.median(m / d for m, d in zip(times['moe'], times['dense']))
     row = dict(router=router + (f'+shared{shared}' if shared else ''), tokens=tokens,
                experts=experts, top_k=top_k,
                dense_ms=1e3 * statistics.median(times['dense']),
                moe_ms=1e3 * statistics.median(times['moe']), moe_over_dense=ratio,
+               moe_faults_per_step=faults / args.repeats,
                memory_ratio=memory(runs['moe'], moe, device) / memory(runs['dense'], dense, device),
                moe_ops=count_top_level_ops(lambda: runs['moe']().float().sum().backward()),
                dense_ops=count_top_level_ops(lambda: runs['dense']().float().sum().backward()))
@@ -184,14 +200,21 @@ def main():
     parser.add_argument('--no-einsum', dest='einsum', action='store_false')
     parser.add_argument('--shared-expert', type=int, default=0, metavar='H_S',
                         help='also a row per router with a shared expert of this width')
+    parser.add_argument('--system-allocator', action='store_true',
+                        help="CPU: keep glibc's defaults (freed memory goes back to the OS, "
+                             'so steps page-fault)')
     parser.add_argument('--json', help='also write the rows (ratios included) to this file')
     args = parser.parse_args()
+    allocator = 'system'
+    if args.device == 'cpu' and not args.system_allocator and keep_freed_memory():
+        allocator = 'glibc keeps freed memory'
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     rows = []
     print(f'device {args.device}, {args.dtype}, D={args.dims}, H={args.hidden}, '
-          f'median of {args.repeats} interleaved fwd+bwd')
+          f'median of {args.repeats} interleaved fwd+bwd after {args.warmup} warm-up steps, '
+          f'allocator: {allocator}')
     header = (f'{"router":<38}{"tokens":>7}{"E":>3}{"k":>3}{"dense ms":>10}{"moe ms":>9}'
-              f'{"moe/dense":>10}{"mem":>6}{"ops":>11}{"einsum/moe":>11}')
+              f'{"moe/dense":>10}{"mem":>6}{"ops":>11}{"faults":>8}{"einsum/moe":>11}')
     print(header)
     for router in args.routers:
         ks = args.top_k if router in TOKEN_CHOICE and router != 'DatasetAwareRouter' else [1]
@@ -206,10 +229,12 @@ def main():
                     print(f'{row["router"]:<38}{tokens:>7}{experts:>3}{top_k:>3}{row["dense_ms"]:>10.1f}'
                           f'{row["moe_ms"]:>9.1f}{row["moe_over_dense"]:>9.2f}x'
                           f'{row["memory_ratio"]:>5.2f}x'
-                          f'{row["moe_ops"]:>6}/{row["dense_ops"]:<4}{einsum}', flush=True)
+                          f'{row["moe_ops"]:>6}/{row["dense_ops"]:<4}'
+                          f'{row["moe_faults_per_step"]:>8.0f}{einsum}', flush=True)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(device=args.device, dtype=args.dtype, rows=rows), f, indent=1)
+            json.dump(dict(device=args.device, dtype=args.dtype, allocator=allocator,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == '__main__':

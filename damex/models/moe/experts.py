@@ -143,23 +143,27 @@ def grouped_gemm_ok(tokens: Tensor, fc1_weight: Tensor) -> bool:
     return (hidden * size) % 16 == 0 and (embed * size) % 16 == 0
 
 
-def _bias_pad(x: Tensor) -> int:
-    """Columns appended to x's rows: a ones column, padded to keep 16-byte rows."""
-    return 16 // x.element_size()
+def _bias_pad(dtype: torch.dtype) -> int:
+    """Columns appended to rows of this dtype: a ones column, padded to keep 16-byte rows."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 def with_ones(x: Tensor) -> Tensor:
     """x (A, D) with a ones column (and zero padding): fc1's bias rides in its GEMM."""
-    pad = x.new_zeros(x.shape[0], _bias_pad(x))
+    pad = x.new_zeros(x.shape[0], _bias_pad(x.dtype))
     pad[:, 0] = 1
     return torch.cat([x, pad], 1)
 
 
-def with_bias(weight: Tensor, bias: Tensor) -> Tensor:
-    """(E, H, D) weights with their (E, H) biases as column D (and zero padding)."""
-    pad = weight.new_zeros(*weight.shape[:2], _bias_pad(weight))
-    pad[..., 0] = bias
-    return torch.cat([weight, pad], 2)
+def with_bias(weight: Tensor, bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """(E, H, D) weights with their (E, H) biases as column D (and zero padding), in
+    ``dtype``: one pass over the weights (the cast is the copy)."""
+    experts, hidden, embed = weight.shape
+    out = weight.new_empty(experts, hidden, embed + _bias_pad(dtype), dtype=dtype)
+    out[..., :embed].copy_(weight)
+    out[..., embed:].zero_()
+    out[..., embed].copy_(bias)
+    return out
 
 
 @dataclass
@@ -242,23 +246,25 @@ class _WeightedExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, token_index, layout, weight, w1, b1, w2, b2, activate):
         ctx.tokens_dtype = tokens.dtype
-        tokens, weight, w1, b1, w2, b2 = _cast_for_compute(tokens, weight, w1, b1, w2, b2)
+        w1b1 = with_bias(w1, b1, compute_dtype(tokens))  # (E, H, D + pad), cast once
+        tokens, weight, w2, b2 = (t.to(w1b1.dtype) for t in (tokens, weight, w2, b2))
         row_token = token_index.new_zeros(layout.rows).index_copy_(0, layout.positions,
                                                                    token_index)
         x = tokens.index_select(0, row_token)
-        hidden = F.grouped_mm(with_ones(x), with_bias(w1, b1).transpose(1, 2),
-                              offs=layout.offsets)
+        hidden = F.grouped_mm(with_ones(x), w1b1.transpose(1, 2), offs=layout.offsets)
         activated = _activate_forward(activate, hidden)
         expert_out = F.grouped_mm(activated, w2.transpose(1, 2), offs=layout.offsets)
         expert_out.add_(b2[layout.row_expert])
-        ctx.save_for_backward(tokens, row_token, weight, w1, w2, hidden, expert_out)
+        ctx.save_for_backward(tokens, row_token, weight, w1b1, w2, hidden, expert_out)
         ctx.layout, ctx.activate = layout, activate
         return expert_out.index_select(0, layout.positions) * weight[:, None]
 
     @staticmethod
     def backward(ctx, grad_out):
-        tokens, row_token, weight, w1, w2, saved, expert_out = ctx.saved_tensors
+        tokens, row_token, weight, w1b1, w2, saved, expert_out = ctx.saved_tensors
         layout, offs = ctx.layout, ctx.layout.offsets
+        embed = w2.shape[1]
+        w1 = w1b1[..., :embed]
         grad_out = grad_out.to(expert_out.dtype)
         x = tokens.index_select(0, row_token)
         grad_weight = (grad_out * expert_out.index_select(0, layout.positions)).sum(-1)
@@ -270,7 +276,6 @@ class _WeightedExperts(torch.autograd.Function):
         grad_w2 = F.grouped_mm(scaled.t(), h, offs=offs)
         # fc1's bias is the weight of x's ones column: its gradient comes with fc1's
         grad_w1b1 = F.grouped_mm(g_z.t(), with_ones(x), offs=offs)
-        embed = w1.shape[2]
         grad_w1, grad_b1 = grad_w1b1[..., :embed], grad_w1b1[..., embed]
         grad_x = F.grouped_mm(g_z, w1, offs=offs)
         grad_b2 = w2.new_zeros(w2.shape[:2]).index_add_(0, layout.row_expert, scaled)

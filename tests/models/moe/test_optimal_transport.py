@@ -1,5 +1,6 @@
 """Sinkhorn and the k-sparse OT plan against plain references and OTT's conventions."""
 import itertools
+import math
 
 import torch
 
@@ -63,6 +64,33 @@ def test_sinkhorn_plan_matches_plain_sinkhorn():
     expected = u[:, None] * kernel * v[None, :]
     torch.testing.assert_close(sinkhorn_plan(logits, 20).double(), expected, rtol=1e-4, atol=1e-5)
 
+
+
+def log_domain_sinkhorn(scores, num_iters):
+    """OTT's log-domain iterations (columns first), float64: the reference for sharp scores."""
+    num_tokens, num_experts = scores.shape[-2:]
+    kernel = scores.double()
+    u = kernel.new_zeros(kernel.shape[:-1])[..., None]
+    for _ in range(num_iters):
+        v = math.log(num_tokens / num_experts) - torch.logsumexp(kernel + u, -2, keepdim=True)
+        u = -torch.logsumexp(kernel + v, -1, keepdim=True)
+    return torch.exp(kernel + u + v)
+
+
+def test_sinkhorn_with_logit_gaps_beyond_float_range_equals_the_log_domain():
+    # gaps of hundreds: exp() of the raw scores under- or overflows even in float64, and an
+    # expert no token prefers (column 3) needs a huge scaling; the plan must still be exact
+    torch.manual_seed(3)
+    scores = 150 * torch.randn(2, 40, 4, dtype=torch.float64)
+    scores[..., 3] -= 400
+    for iters in (1, 2, 20):
+        plan = sinkhorn_plan(scores, num_iters=iters)
+        assert torch.isfinite(plan).all()
+        torch.testing.assert_close(plan, log_domain_sinkhorn(scores, iters), rtol=1e-9, atol=1e-12)
+    plan32 = sinkhorn_plan(scores.float(), num_iters=20)
+    assert plan32.dtype == torch.float32
+    torch.testing.assert_close(plan32.double(), log_domain_sinkhorn(scores.float(), 20),
+                               rtol=1e-5, atol=1e-6)
 
 
 def brute_force_k_sparse_projection(v, k):
