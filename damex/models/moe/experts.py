@@ -65,9 +65,10 @@ class StackedExperts(nn.Module):
 
     def forward_sorted(self, tokens: Tensor, token_index: Tensor, expert_index: Tensor,
                        counts: Tensor, weight: Tensor) -> Tensor:
-        """``weight * expert(tokens[token_index])``, assignments sorted by expert.
+        """Per token, the sum of ``weight * expert(token)`` over its assignments: (T, D).
 
-        ``expert_index`` (A,) is each assignment's expert (sorted), ``counts`` (E,) the
+        Assignments are sorted by expert: ``token_index`` (A,) is each assignment's token,
+        ``expert_index`` (A,) its expert (sorted), ``counts`` (E,) the
         assignments per expert, on the tokens' device. All experts run as one grouped GEMM
         pair (``torch.nn.functional.grouped_mm`` with device-side offsets: no host sync, and
         as many ops for 16 experts as for 4) where it accepts the shapes, else one GEMM pair
@@ -75,7 +76,9 @@ class StackedExperts(nn.Module):
         rows padded to a multiple of ``row_bucket`` (aligned row counts, and fewer distinct
         GEMM shapes for oneDNN to build primitives for). Without dropout in training this
         runs as one autograd function (:class:`_WeightedExperts`) that stores about what a
-        dense FFN stores and makes no extra passes over the hidden activations.
+        dense FFN stores and makes no extra passes over the hidden activations; it also
+        adds the assignments into their tokens' rows (``index_add_``: 12x faster on a CPU
+        than ``index_put_(accumulate=True)``, and autograd keeps nothing for it).
         """
         grouped = grouped_gemm_ok(tokens, self.fc1_weight) and token_index.numel() > 0
         if self.training and self.drop.p > 0:
@@ -85,7 +88,10 @@ class StackedExperts(nn.Module):
             else:
                 out = torch.cat([self.expert(e, chunk)
                                  for e, chunk in enumerate(x.split(counts.tolist()))])
-            return out * weight.to(out.dtype)[:, None]
+            out = out * weight.to(out.dtype)[:, None]
+            # index_put(accumulate) keeps only the index for backward (index_add the source)
+            return out.new_zeros(tokens.shape[0], out.shape[1]).index_put_(
+                (token_index, ), out, accumulate=True)
         if grouped:
             layout = padded_layout(expert_index, counts, self.row_bucket)
             return _WeightedExperts.apply(tokens, token_index, layout, weight.to(tokens.dtype),
@@ -222,7 +228,8 @@ def _cast_for_compute(tokens, weight, w1, b1, w2, b2):
 
 
 class _WeightedExperts(torch.autograd.Function):
-    """y = w * fc2(act(fc1(x))), x = tokens[token_index], all experts as grouped GEMMs.
+    """out[t] = sum of w * fc2(act(fc1(tokens[t]))) over t's assignments, all experts as
+    grouped GEMMs.
 
     One ``grouped_mm`` per GEMM over the padded layout (:func:`padded_layout`), the expert
     boundaries as device offsets: no host sync, and as many ops for 16 experts as for 4.
@@ -255,17 +262,21 @@ class _WeightedExperts(torch.autograd.Function):
         activated = _activate_forward(activate, hidden)
         expert_out = F.grouped_mm(activated, w2.transpose(1, 2), offs=layout.offsets)
         expert_out.add_(b2[layout.row_expert])
-        ctx.save_for_backward(tokens, row_token, weight, w1b1, w2, hidden, expert_out)
+        # fc1's weight for backward: the parameter itself when nothing was cast (no copy kept)
+        w1 = w1 if w1.dtype == w1b1.dtype else w1b1[..., :w1.shape[2]]
+        ctx.save_for_backward(tokens, token_index, row_token, weight, w1, w2, hidden,
+                              expert_out)
         ctx.layout, ctx.activate = layout, activate
-        return expert_out.index_select(0, layout.positions) * weight[:, None]
+        weighted = expert_out.index_select(0, layout.positions).mul_(weight[:, None])
+        return expert_out.new_zeros(tokens.shape).index_add_(0, token_index, weighted)
 
     @staticmethod
-    def backward(ctx, grad_out):
-        tokens, row_token, weight, w1b1, w2, saved, expert_out = ctx.saved_tensors
+    def backward(ctx, grad_tokens_out):
+        tokens, token_index, row_token, weight, w1, w2, saved, expert_out = ctx.saved_tensors
         layout, offs = ctx.layout, ctx.layout.offsets
-        embed = w2.shape[1]
-        w1 = w1b1[..., :embed]
-        grad_out = grad_out.to(expert_out.dtype)
+        embed = w1.shape[2]
+        # each assignment's share of its token's output gradient
+        grad_out = grad_tokens_out.to(expert_out.dtype).index_select(0, token_index)
         x = tokens.index_select(0, row_token)
         grad_weight = (grad_out * expert_out.index_select(0, layout.positions)).sum(-1)
         # gradient at fc2's output, zero on padding rows
@@ -306,13 +317,14 @@ class _LoopedExperts(torch.autograd.Function):
                 torch.addmm(b2[e], h_e, w2[e].t(), out=y_e)
         ctx.save_for_backward(tokens, token_index, weight, w1, w2, hidden, expert_out)
         ctx.counts, ctx.activate = counts, activate
-        return expert_out * weight[:, None]
+        return expert_out.new_zeros(tokens.shape).index_add_(0, token_index,
+                                                             expert_out * weight[:, None])
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_tokens_out):
         tokens, token_index, weight, w1, w2, saved, expert_out = ctx.saved_tensors
         counts = ctx.counts
-        grad_out = grad_out.to(expert_out.dtype).contiguous()
+        grad_out = grad_tokens_out.to(expert_out.dtype).index_select(0, token_index)
         x = tokens.index_select(0, token_index)
         grad_weight = (grad_out * expert_out).sum(-1)
         scaled = grad_out * weight[:, None]  # gradient at fc2's output

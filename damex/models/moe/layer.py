@@ -188,18 +188,15 @@ class MoEFFN(BaseModule):
         return targets.long()
 
     def _sparse_forward(self, tokens: Tensor, routing: SparseRouting) -> Tensor:
-        """Sort the assignments by expert, run each expert on its slice, scatter back."""
+        """Sort the assignments by expert, run the experts, add each token's outputs up."""
         order = torch.argsort(routing.expert_index, stable=True)
         token_index = routing.token_index[order]
         # (bincount would read its input's maximum back to the host on CUDA)
         counts = routing.expert_index.new_zeros(self.num_experts).index_add_(
             0, routing.expert_index, torch.ones_like(routing.expert_index))
-        expert_out = self.experts.forward_sorted(tokens, token_index, routing.expert_index[order],
-                                                 counts, routing.combine_weight[order])
-        # index_put(accumulate) keeps only the index for backward (index_add keeps the source)
-        # (under autocast the experts' output is in autocast's dtype, as a dense FFN's)
-        return expert_out.new_zeros(tokens.shape).index_put_((token_index, ), expert_out,
-                                                             accumulate=True)
+        # (T, D); under autocast in autocast's dtype, as a dense FFN's output
+        return self.experts.forward_sorted(tokens, token_index, routing.expert_index[order],
+                                           counts, routing.combine_weight[order])
 
     def _soft_forward(self, tokens: Tensor, routing: SoftRouting) -> Tensor:
         """Slots = dispatch-weighted token sums per group; experts run on (E, G*P, D) slots."""

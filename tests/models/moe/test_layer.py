@@ -232,10 +232,13 @@ def test_expert_backward_passes_gradcheck_with_an_idle_expert(act):
 
 
 def per_expert_reference(experts, tokens, token_index, expert_index, weight):
-    """Every assignment through its expert with F.linear, one at a time."""
-    rows = [experts.expert(int(e), tokens[int(t)]) * w for t, e, w in
-            zip(token_index, expert_index, weight)]
-    return torch.stack(rows)
+    """Every assignment through its expert with F.linear, one at a time, added into its
+    token's row."""
+    out = [None] * len(tokens)
+    for t, e, w in zip(token_index.tolist(), expert_index.tolist(), weight):
+        row = experts.expert(e, tokens[t]) * w
+        out[t] = row if out[t] is None else out[t] + row
+    return torch.stack([torch.zeros_like(row) if o is None else o for o in out])
 
 
 @pytest.mark.parametrize('dtype, tolerance', [(torch.float32, 1e-5), (torch.bfloat16, None)])
@@ -243,9 +246,9 @@ def test_grouped_gemm_experts_equal_a_per_expert_loop(dtype, tolerance):
     from damex.models.moe.experts import StackedExperts, grouped_gemm_ok
     torch.manual_seed(0)
     experts = StackedExperts(4, 16, 32)
-    tokens = torch.randn(12, 16)
+    tokens = torch.randn(11, 16)
     expert_index = torch.tensor([0] * 5 + [2] * 4 + [3] * 3)  # expert 1 idle
-    token_index = torch.randperm(12)
+    token_index = torch.randperm(12) % 10  # tokens 0 and 1 twice, token 10 in no expert
     counts = torch.bincount(expert_index, minlength=4)
     weight = torch.rand(12)
     results = []
@@ -265,7 +268,11 @@ def test_grouped_gemm_experts_equal_a_per_expert_loop(dtype, tolerance):
         results.append([out.float(), t.grad, w.grad] + [p.grad.clone() for p in experts.parameters()])
     assert results[0][3 + 0][1].abs().sum() == 0 and results[0][3 + 2][1].abs().sum() == 0  # idle
     for a, b, c in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)  # padding changes nothing
+        # padding changes nothing but the GEMM's rounding: oneDNN's bf16 kernel depends on
+        # the row count, so a padded GEMM may round a real row 1 ulp apart (~1% of draws)
+        same = (dict(rtol=1e-6, atol=1e-6) if tolerance else
+                dict(rtol=2 ** -7, atol=2 ** -8 * b.abs().max().item()))
+        torch.testing.assert_close(a, b, **same)
         if tolerance is None:  # bf16: a few ulps of the values' scale
             torch.testing.assert_close(a, c, rtol=2 ** -6, atol=2 ** -6 * c.abs().max().item())
         else:
