@@ -15,9 +15,13 @@ import resource
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_LIMIT = 1 << 30
+
+#: the same for processes started with this environment (glibc reads it at start)
+MALLOC_ENVIRONMENT = {'MALLOC_TRIM_THRESHOLD_': str(_LIMIT), 'MALLOC_MMAP_THRESHOLD_': str(_LIMIT)}
 
 
-def keep_freed_memory(limit: int = 1 << 30) -> bool:
+def keep_freed_memory(limit: int = _LIMIT) -> bool:
     """Raise glibc's trim and mmap thresholds to ``limit`` bytes for this process.
 
     Returns False (and changes nothing) where the C library is not glibc.

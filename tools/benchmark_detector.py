@@ -11,9 +11,12 @@ DAMEX train step, which includes it). Both models are built from the same config
 ratio is the median of per-repeat ratios. Memory: parameters + gradients + the activation
 bytes autograd saves for backward (CPU; CUDA: peak allocated) of one training step.
 ``--dtype bf16`` / ``fp16``: both models under ``torch.autocast`` (as AmpOptimWrapper).
-The ratio's spread (min - max over repeats) is printed beside it: with bf16 on a CPU,
+The ratio's spread over repeats is printed beside it (interquartile range and min - max;
+the models run in ABBA order, so linear drift cancels in pairs): with bf16 on a CPU,
 oneDNN builds GEMM primitives for new shapes in the first steps, so take ``--warmup 3``
-or more and quote a ratio only when its spread is small.
+or more and quote a ratio only when its spread is small. On a CPU, glibc keeps the memory
+a step frees (:func:`damex.cpu_allocator.keep_freed_memory`, as a caching allocator), so
+steps are not timed with page faults; ``--system-allocator`` keeps glibc's defaults.
 """
 import contextlib
 import argparse
@@ -34,6 +37,7 @@ from mmengine.structures import InstanceData
 
 import damex  # noqa: F401
 from damex.compat import silence_known_warnings
+from damex.cpu_allocator import keep_freed_memory
 
 
 def synthetic_batch(size, batch, num_classes, num_experts, seed=0):
@@ -107,8 +111,14 @@ def main():
                         help='bf16 / fp16: both models under torch.autocast')
     parser.add_argument('--warmup', type=int, default=1,
                         help='untimed train + inference steps of each model first')
+    parser.add_argument('--system-allocator', action='store_true',
+                        help="CPU: keep glibc's defaults (freed memory goes back to the OS, "
+                             'so steps page-fault)')
     parser.add_argument('--json')
     args = parser.parse_args()
+    allocator = 'system'
+    if args.device == 'cpu' and not args.system_allocator and keep_freed_memory():
+        allocator = 'glibc keeps freed memory'
     dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
 
     def precision():
@@ -161,10 +171,12 @@ def main():
             train(model)
             infer(model)
     times = {(n, kind): [] for n in models for kind in ('train', 'infer')}
-    for _ in range(args.repeats):
+    for repeat in range(args.repeats):
         for kind, fn in (('train', train), ('infer', infer)):
-            for name, model in models.items():
-                times[(name, kind)].append(timed(lambda: fn(model)))
+            # ABBA order: the two models swap places every repeat, so a drift of the
+            # machine's speed within a repeat favours neither
+            for name in (('stock', 'damex') if repeat % 2 == 0 else ('damex', 'stock')):
+                times[(name, kind)].append(timed(lambda: fn(models[name])))
     # routing telemetry (logged every step from the forward's routing): its share of a step
     damex_model = models['damex']
     telemetry_s = statistics.median(timed(lambda: damex_model.routing_telemetry(samples))
@@ -175,19 +187,23 @@ def main():
         memory[name] = training_memory(model, lambda: train_step(model), args.device)
     rows = {}
     print(f'{args.config}: {args.size}x{args.size}, batch {args.batch}, {args.device}, {args.dtype}, '
-          f'median of {args.repeats} interleaved repeats')
-    print(f'{"":<14}{"stock DINO":>12}{"DAMEX-DINO":>12}{"ratio":>8}  spread')
+          f'median of {args.repeats} interleaved repeats after {args.warmup} warm-up steps, '
+          f'allocator: {allocator}')
+    print(f'{"":<14}{"stock DINO":>12}{"DAMEX-DINO":>12}{"ratio":>8}  IQR          min-max')
     for kind in ('train', 'infer'):
         ratios = [d / s for d, s in zip(times[('damex', kind)], times[('stock', kind)])]
         ratio = statistics.median(ratios)
+        quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratio] * 3
         stock, ours = (statistics.median(times[(n, kind)]) for n in ('stock', 'damex'))
         rows[kind] = dict(stock_s=stock, damex_s=ours, ratio=ratio,
-                          ratio_min=min(ratios), ratio_max=max(ratios))
+                          ratio_min=min(ratios), ratio_max=max(ratios),
+                          ratio_q1=quartiles[0], ratio_q3=quartiles[2])
         label = 'train step s' if kind == 'train' else 'inference s'
         print(f'{label:<14}{stock:>12.2f}{ours:>12.2f}{ratio:>7.3f}x  '
-              f'{min(ratios):.3f}-{max(ratios):.3f}')
+              f'{quartiles[0]:.3f}-{quartiles[2]:.3f}  {min(ratios):.3f}-{max(ratios):.3f}')
     telemetry_share = telemetry_s / rows['train']['damex_s']
     rows['telemetry'] = dict(seconds=telemetry_s, share_of_train_step=telemetry_share)
+    rows['allocator'] = allocator
     print(f'{"telemetry ms":<14}{"":>12}{1e3 * telemetry_s:>12.2f}{100 * telemetry_share:>7.2f}% '
           'of the DAMEX train step')
     mem_ratio = memory['damex'] / memory['stock']

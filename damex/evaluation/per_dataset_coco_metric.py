@@ -121,7 +121,7 @@ class PerDatasetCocoMetric(BaseMetric):
 
     Args:
         heatmap_dir: where to save one dataset x expert heatmap per MoE layer; default the
-            visualizer's save dir (``<work_dir>/<timestamp>/vis_data/routing``).
+            run's visualizer dir (``<work_dir>/<timestamp>/vis_data/routing``).
         save_heatmaps: set False to skip the PNGs.
         iou_thrs: COCOeval IoU thresholds (default COCO's).
     """
@@ -277,6 +277,16 @@ class PerDatasetCocoMetric(BaseMetric):
 
     @staticmethod
     def _visualizer_dir() -> Optional[str]:
+        """``<log_dir>/vis_data/routing`` of the run this metric evaluates in.
+
+        The run's log dir comes from its logger (mmengine names each Runner's logger after
+        the experiment), not from the visualizer: mmdet's configs name the visualizer
+        ``'visualizer'``, so a second Runner in the same process gets the first one's
+        instance, whose save dir is the first run's.
+        """
+        log_file = getattr(MMLogger.get_current_instance(), 'log_file', None)
+        if log_file:
+            return osp.join(osp.dirname(log_file), 'vis_data', 'routing')
         try:
             visualizer = Visualizer.get_current_instance()
         except RuntimeError:  # no visualizer: not run by a Runner

@@ -198,3 +198,26 @@ def test_predictions_from_another_mixture_are_an_error():
     sample = dict(perfect(A1, 0), label_space=other.to_dict())
     with pytest.raises(ValueError, match='tagged by another mixture'):
         run_metric([sample])
+
+
+def test_heatmaps_go_to_the_current_run_when_an_earlier_run_made_the_visualizer(tmp_path):
+    # mmdet's configs name their visualizer 'visualizer', and mmengine hands a second Runner
+    # of the same process (a notebook, a script training two configs) the first one's
+    # instance, save dir included: the second run's heatmaps must still land in its own dir
+    from mmengine.logging import MMLogger
+    from mmengine.visualization import Visualizer
+    first, second = tmp_path / 'first' / 'ts1', tmp_path / 'second' / 'ts2'
+    Visualizer.get_instance('visualizer', vis_backends=[dict(type='LocalVisBackend')],
+                            save_dir=str(first))
+    Visualizer.get_instance('visualizer', save_dir=str(second))  # what the 2nd Runner gets
+    second.mkdir(parents=True)
+    MMLogger.get_instance('second_run', log_file=str(second / 'ts2.log'))
+    sample = perfect(A1, 0)
+    sample.update(routing_counts=torch.tensor([[3, 1]]), routing_layers=('decoder.layers.0.ffn', ))
+    metric = PerDatasetCocoMetric()
+    metric.dataset_meta = dict(classes=SPACE.classes, label_space=SPACE.to_dict())
+    metric.process({}, [sample])
+    metric.compute_metrics(metric.results)
+    [path] = metric.heatmap_files
+    assert path == str(second / 'vis_data' / 'routing' / 'routing_decoder_layers_0_ffn.png')
+    assert not (first / 'vis_data').exists()
