@@ -34,6 +34,14 @@ def keep_freed_memory(limit: int = _LIMIT) -> bool:
     return bool(mallopt(_M_TRIM_THRESHOLD, limit)) and bool(mallopt(_M_MMAP_THRESHOLD, limit))
 
 
+def benchmark_allocator(device: str, system_allocator: bool) -> str:
+    """What the benchmarks time with, for their header: on a CPU glibc keeps freed memory
+    unless ``system_allocator`` (their ``--system-allocator`` flag) asks for its defaults."""
+    if device == 'cpu' and not system_allocator and keep_freed_memory():
+        return 'glibc keeps freed memory'
+    return 'system'
+
+
 def minor_page_faults() -> int:
     """Minor page faults of this process so far (fresh pages touched)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -37,7 +37,7 @@ from mmengine.structures import InstanceData
 
 import damex  # noqa: F401
 from damex.compat import silence_known_warnings
-from damex.cpu_allocator import keep_freed_memory
+from damex.cpu_allocator import benchmark_allocator
 
 
 def synthetic_batch(size, batch, num_classes, num_experts, seed=0):
@@ -116,9 +116,7 @@ def main():
                              'so steps page-fault)')
     parser.add_argument('--json')
     args = parser.parse_args()
-    allocator = 'system'
-    if args.device == 'cpu' and not args.system_allocator and keep_freed_memory():
-        allocator = 'glibc keeps freed memory'
+    allocator = benchmark_allocator(args.device, args.system_allocator)
     dtype = dict(fp32=None, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
 
     def precision():

@@ -31,7 +31,6 @@ Needs only torch, mmengine and mmcv's FFN (mmcv-lite is enough).
 """
 import argparse
 import json
-import math
 import statistics
 import time
 
@@ -39,7 +38,7 @@ import torch
 from mmcv.cnn.bricks.transformer import FFN
 
 from damex.compat import silence_known_warnings
-from damex.cpu_allocator import keep_freed_memory, minor_page_faults
+from damex.cpu_allocator import benchmark_allocator, minor_page_faults
 from damex.models.moe import MoEFFN, upcycle_from_ffn
 from damex.models.moe.op_count import count_top_level_ops
 
@@ -205,9 +204,7 @@ def main():
                              'so steps page-fault)')
     parser.add_argument('--json', help='also write the rows (ratios included) to this file')
     args = parser.parse_args()
-    allocator = 'system'
-    if args.device == 'cpu' and not args.system_allocator and keep_freed_memory():
-        allocator = 'glibc keeps freed memory'
+    allocator = benchmark_allocator(args.device, args.system_allocator)
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     rows = []
     print(f'device {args.device}, {args.dtype}, D={args.dims}, H={args.hidden}, '

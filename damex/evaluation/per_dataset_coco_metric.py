@@ -264,7 +264,7 @@ class PerDatasetCocoMetric(BaseMetric):
 
     def save_routing_heatmaps(self, label_space, layers, counts, present,
                               experts) -> List[str]:
-        out_dir = self.heatmap_dir or self._visualizer_dir()
+        out_dir = self.heatmap_dir or self._run_heatmap_dir()
         if out_dir is None:
             MMLogger.get_current_instance().warning(
                 'PerDatasetCocoMetric: no heatmap_dir and no visualizer save dir; heatmaps '
@@ -276,7 +276,7 @@ class PerDatasetCocoMetric(BaseMetric):
                 for i, layer in enumerate(layers)]
 
     @staticmethod
-    def _visualizer_dir() -> Optional[str]:
+    def _run_heatmap_dir() -> Optional[str]:
         """``<log_dir>/vis_data/routing`` of the run this metric evaluates in.
 
         The run's log dir comes from its logger (mmengine names each Runner's logger after
